@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test` (each creates .venv and installs if needed).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU PyTorch by default; a GPU user runs `make TORCH_SPEC= ...` (or installs torch first) to keep their own.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test reference notebooks clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/hw6 demo
+
+test: install
+	$(PY) -m pytest -q
+
+# The shipped reference model (data/reference): the autoencoder, then the UNet, then the export (~1.5 h on 2 cores).
+reference: install
+	$(VENV)/bin/hw6 train-vae --preset reference --vae_out data/reference/vae
+	$(VENV)/bin/hw6 train --preset reference
+	$(VENV)/bin/hw6 export-reference --preset reference --from_checkpoint last --out data/reference
+	$(VENV)/bin/hw6 evaluate --preset reference --stage reference
+
+clean:
+	rm -rf outputs/ckpt_last outputs/samples_last outputs/png_* outputs/*.csv outputs/*.json outputs/*.png

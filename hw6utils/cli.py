@@ -1,0 +1,152 @@
+"""The `hw6` command: every subcommand maps its flags onto config fields and calls the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, field_help, get_preset, parse_value
+
+CONFIG_COMMANDS = {
+    "train": "train the UNet (resume with --ckpt_path last)",
+    "train-vae": "train the small offline autoencoder",
+    "generate": "generate one PNG per test.json prompt into outputs/png_<stage>_<steps>/",
+    "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
+    "demo": "build the shapes set, train from scratch, and score it beside the reference model",
+    "export-reference": "copy a checkpoint's EMA UNet (fp16), schedule and config into data/reference/",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
+    group = parser.add_argument_group("config fields (any of them; defaults shown are the tiny preset's)")
+    for name, (default, help_text) in field_help().items():
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
+                           help=f"{help_text} [{shown}]")
+
+
+def config_from_args(args: argparse.Namespace):
+    names = field_help()
+    overrides = {k: parse_value(k, v) for k, v in vars(args).items() if k in names}
+    return get_preset(args.preset, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hw6", description="Text-conditional latent diffusion for the hw6 course.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in CONFIG_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_config_flags(p)
+        if name == "export-reference":
+            p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
+            p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
+    data = sub.add_parser("data", help="build an embedded data set in the course format")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
+    shapes.add_argument("--out", default="data/shapes", help="destination folder [data/shapes]")
+    shapes.add_argument("--frames", type=int, default=50, help="jittered frames per object-action [50]")
+    shapes.add_argument("--seed", type=int, default=0, help="seed [0]")
+    shapes.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
+    emoji = data_sub.add_parser("emoji", help="emoji rendered from Debian's fonts-noto-color-emoji, CLDR names as captions")
+    emoji.add_argument("--out", default="data/emoji", help="destination folder [data/emoji]")
+    emoji.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
+    emoji.add_argument("--limit", type=int, default=0, help="render only the first N emoji (0 = all)")
+    emoji.add_argument("--font", default="", help="path of NotoColorEmoji.ttf (default: Debian's location)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"hw6 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from . import data as data_mod
+
+    if args.command == "data":
+        if args.dataset == "shapes":
+            out = data_mod.build_shapes_dataset(args.out, args.frames, args.seed, args.image_size)
+        else:
+            out = data_mod.build_emoji_dataset(args.out, args.image_size, args.limit, args.font or None)
+        print(f"wrote {out}")
+        return 0
+    cfg = config_from_args(args)
+    if args.command == "train-vae":
+        from .training import train_vae
+        train_vae(cfg)
+    elif args.command == "train":
+        from .training import train
+        train(cfg)
+    elif args.command == "generate":
+        from .sampling import generate
+        from .training import pick_device
+        generate(cfg, pick_device(cfg.train.device))
+    elif args.command == "evaluate":
+        print(evaluate_stage(cfg, cfg.sample.stage))
+    elif args.command == "export-reference":
+        from .sampling import resolve_checkpoint
+        export_reference(resolve_checkpoint(args.from_checkpoint, cfg.train.output_dir), Path(args.out))
+    elif args.command == "demo":
+        demo(cfg)
+    return 0
+
+
+def evaluate_stage(cfg, stage: str) -> str:
+    """Score one checkpoint on the shapes set's fixed prompts; save the scores and a grid beside the outputs."""
+    from .data import shape_test_entries
+    from .evaluation import evaluate_shapes, format_scores, image_grid
+    from .sampling import load_model
+    from .training import pick_device
+
+    model = load_model(stage, cfg.train.output_dir, pick_device(cfg.train.device), cfg.sample.use_ema)
+    entries = list(shape_test_entries(cfg.data.data_seed).values())
+    start = time.time()
+    scores, images = evaluate_shapes(model, entries, cfg.sample.guidance_scale, cfg.sample.num_inference_steps,
+                                     cfg.sample.sample_seed, cfg.sample.gen_batch_size)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "reference" if stage == "reference" else model.path.name
+    image_grid(images, cols=12).save(out / f"eval_{name}.png")
+    (out / f"eval_{name}.json").write_text(json.dumps(scores, indent=1))
+    return format_scores(f"{name} (guidance {cfg.sample.guidance_scale}, {time.time() - start:.0f}s)", scores)
+
+
+def export_reference(ckpt: Path, out: Path) -> None:
+    """Ship a checkpoint as the reference model: EMA UNet in fp16, the noise schedule, the config."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .config import apply_overrides, load_config, save_config
+
+    unet_dir = ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(torch.float16)
+    unet.save_pretrained(out / "unet")
+    shutil.copytree(ckpt / "scheduler", out / "scheduler", dirs_exist_ok=True)
+    cfg = load_config(ckpt / "hw6_config.json")
+    save_config(apply_overrides(cfg, vae="reference"), out / "hw6_config.json")
+    print(f"exported {ckpt} to {out}")
+
+
+def demo(cfg) -> None:
+    """The whole job on the embedded default: data, training from scratch, and a score for it and the reference."""
+    from .training import train
+
+    start = time.time()
+    history = train(cfg)
+    print(f"trained in {(time.time() - start) / 60:.1f} min; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
+    print(evaluate_stage(cfg, "last"))
+    print(evaluate_stage(cfg, "reference"))
+    out = Path(cfg.train.output_dir)
+    print(f"outputs: {out / 'ckpt_last'}, {out / 'samples_last'}, {out / 'loss.png'}; total {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Every setting of the project, as dataclasses with one comment (help text) per field, and named presets.
+
+`get_preset("tiny", lr=3e-4)` returns a complete `Config`; a keyword names any field of any stage.
+Checkpoints store `asdict(cfg)`, and `config_from_dict` rebuilds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = REPO_ROOT / "data" / "reference"  # the shipped tiny model: vae/, unet/, scheduler/
+
+
+def _f(default, help: str):
+    """A dataclass field with a default and the help text the CLI shows for it."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = _f("data/shapes", "course-format folder: train/, train_info.json, test.json")
+    image_size: int = _f(64, "training resolution in pixels (images are resized to a square)")
+    flip: bool = _f(False, "random horizontal flip (off for shapes: captions name left and right)")
+    shapes_frames: int = _f(50, "jittered frames per object-action when building the shapes set")
+    data_seed: int = _f(0, "seed of the shapes-set builder")
+
+
+@dataclass
+class EncoderConfig:
+    text_encoder: str = _f("minilm", "hub id or local path of a text model; 'minilm' = the offline MiniLM")
+    max_text_len: int = _f(20, "tokens kept per caption (CLIP: 77); longer captions are truncated")
+    vae: str = _f("reference", "hub id or local path of an AutoencoderKL; 'reference' = data/reference/vae")
+    vae_subfolder: str = _f("", "subfolder of the VAE inside `vae` (Stable Diffusion: 'vae')")
+
+
+@dataclass
+class ModelConfig:
+    sample_size: int = _f(16, "latent height and width (image_size / VAE downsampling)")
+    latent_channels: int = _f(4, "UNet in/out channels = VAE latent channels")
+    block_out_channels: tuple = _f((32, 64, 128), "channels per UNet level")
+    down_block_types: tuple = _f(("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "UNet down blocks")
+    up_block_types: tuple = _f(("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), "UNet up blocks")
+    layers_per_block: int = _f(1, "resnet layers per UNet block")
+    cross_attention_dim: int = _f(384, "must equal the text encoder's hidden size (MiniLM 384, CLIP B/32 512)")
+    attention_head_dim: int = _f(8, "diffusers' name for the number of attention heads")
+    norm_num_groups: int = _f(16, "GroupNorm groups")
+    use_pooled_text: bool = _f(True, "add the pooled sentence vector to the time embedding")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("outputs", "where ckpt_last/, samples_last/, loss logs and caches go")
+    max_steps: int = _f(1500, "optimizer steps to train (not micro-steps)")
+    batch_size: int = _f(64, "samples per forward pass (micro-batch)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum")
+    lr: float = _f(1.5e-3, "AdamW peak learning rate")
+    lr_schedule: str = _f("cosine", "'cosine' (decay to 0 after warm-up) or 'constant' (after warm-up)")
+    warmup_steps: int = _f(100, "linear learning-rate warm-up steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
+    ema_decay: float = _f(0.995, "EMA decay of the weights used for sampling (0 = no EMA)")
+    cond_drop_prob: float = _f(0.1, "fraction of captions replaced by '' (teaches the unconditional branch)")
+    noise_schedule: str = _f("squaredcos_cap_v2", "DDPM beta schedule: 'linear', 'scaled_linear', 'squaredcos_cap_v2'")
+    num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule")
+    prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
+    snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
+    mixed_precision: str = _f("bf16", "'bf16' autocast or 'no' (fp32)")
+    cache_latents: bool = _f(True, "encode images and captions once before training (both encoders are frozen)")
+    eval_freq: int = _f(500, "save a sample grid every N steps (0 = never)")
+    save_freq: int = _f(500, "save a checkpoint every N steps (the last step is always saved)")
+    keep_last: int = _f(2, "checkpoints kept in ckpt_last/ (0 = keep all)")
+    ckpt_path: str = _f("", "resume from this checkpoint folder, or 'last' (empty = start fresh)")
+    log_freq: int = _f(25, "log the mean loss every N steps")
+    seed: int = _f(0, "seed of data order, noise, timesteps and caption dropout")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+
+
+@dataclass
+class SampleConfig:
+    num_inference_steps: int = _f(50, "DDIM steps")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale for generation")
+    preview_guidance_scale: float = _f(4.0, "guidance scale of the sample grids made during training")
+    eta: float = _f(0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    use_ema: bool = _f(True, "sample with the EMA weights when the checkpoint has them")
+    stage: str = _f("last", "checkpoint to sample from: 'last', a step number, or 'reference'")
+    test_json: str = _f("", "prompts to generate (default: <data_dir>/test.json)")
+    gen_batch_size: int = _f(32, "images per UNet call when generating")
+    sample_seed: int = _f(0, "image i of a run uses seed sample_seed + i")
+
+
+@dataclass
+class VAEConfig:
+    vae_block_out_channels: tuple = _f((16, 32, 64), "autoencoder channels per level (f = 2**(levels-1))")
+    vae_steps: int = _f(2000, "optimizer steps of `hw6 train-vae`")
+    vae_batch_size: int = _f(16, "images per autoencoder step")
+    vae_lr: float = _f(1e-3, "autoencoder AdamW learning rate (cosine decay)")
+    vae_kl_weight: float = _f(1e-6, "KL weight of the autoencoder loss (MSE + 0.5 L1 + kl * KL)")
+    vae_out: str = _f("outputs/vae", "where `hw6 train-vae` saves the autoencoder")
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+
+STAGES = ("data", "encoders", "model", "train", "sample", "vae")
+
+
+def field_owner() -> dict[str, str]:
+    """Map every overridable field name to the stage dataclass that owns it (names are unique)."""
+    owner = {}
+    for stage in STAGES:
+        stage_cls = Config.__dataclass_fields__[stage].default_factory
+        for f in dataclasses.fields(stage_cls):
+            owner[f.name] = stage
+    return owner
+
+
+def field_help() -> dict[str, tuple]:
+    """name -> (default, help) for every field, in declaration order (used by the CLI)."""
+    out = {}
+    cfg = Config()
+    for stage in STAGES:
+        for f in dataclasses.fields(getattr(cfg, stage)):
+            out[f.name] = (getattr(getattr(cfg, stage), f.name), f.metadata.get("help", ""))
+    return out
+
+
+def apply_overrides(cfg: Config, **overrides) -> Config:
+    """Return a copy of cfg with fields replaced; an unknown name raises with the list of valid ones."""
+    owner = field_owner()
+    unknown = sorted(set(overrides) - set(owner))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(owner))}")
+    per_stage: dict[str, dict] = {}
+    for name, value in overrides.items():
+        default = getattr(getattr(cfg, owner[name]), name)
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        per_stage.setdefault(owner[name], {})[name] = value
+    changes = {stage: dataclasses.replace(getattr(cfg, stage), **kw) for stage, kw in per_stage.items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def _tiny() -> Config:
+    return Config(preset="tiny")
+
+
+def _reference() -> Config:
+    # The shipped model: the tiny recipe trained longer, at a slightly lower peak learning rate.
+    return apply_overrides(Config(preset="reference"), max_steps=6000, lr=1e-3, save_freq=1000, eval_freq=1000,
+                           output_dir="outputs/reference")
+
+
+def _smoke() -> Config:
+    # Seconds on a CPU: for tests and CI runs of the notebooks.
+    return apply_overrides(
+        Config(preset="smoke"), block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, norm_num_groups=8, max_steps=4,
+        batch_size=8, warmup_steps=2, eval_freq=2, save_freq=2, log_freq=1, num_inference_steps=4, shapes_frames=2,
+        vae_steps=4, vae_batch_size=4, gen_batch_size=8)
+
+
+def _hw6() -> Config:
+    # The course's own setting (see ../shared/NOTES.md): SD VAE, CLIP B/32, 256 px, the exact course UNet.
+    return apply_overrides(
+        Config(preset="hw6"), data_dir="public_data", image_size=256, flip=True,
+        text_encoder="openai/clip-vit-base-patch32", max_text_len=77, vae="CompVis/stable-diffusion-v1-4",
+        vae_subfolder="vae", sample_size=32, block_out_channels=(256, 384, 512, 768),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, cross_attention_dim=512,
+        attention_head_dim=16, norm_num_groups=32, use_pooled_text=False, max_steps=20000, batch_size=32,
+        grad_accum=16, lr=1e-4, warmup_steps=500, noise_schedule="linear", snr_gamma=0.0, ema_decay=0.999,
+        eval_freq=500, save_freq=500, log_freq=50)
+
+
+PRESETS = {"tiny": _tiny, "reference": _reference, "smoke": _smoke, "hw6": _hw6}
+
+
+def get_preset(name: str, **overrides) -> Config:
+    """A complete config by preset name, with any field overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return apply_overrides(PRESETS[name](), **overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with `config_to_dict` (JSON turns tuples into lists; unknown keys are errors)."""
+    flat = {k: v for stage in STAGES for k, v in d.get(stage, {}).items()}
+    return apply_overrides(Config(preset=d.get("preset", "tiny")), **flat)
+
+
+def save_config(cfg: Config, path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2))
+
+
+def load_config(path) -> Config:
+    try:
+        return config_from_dict(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def parse_value(name: str, text: str):
+    """Turn a command-line string into the type of field `name` (tuples are comma-separated)."""
+    default = field_help()[name][0]
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true or false, got {text!r}")
+    if isinstance(default, tuple):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        return tuple(int(s) if s.lstrip("-").isdigit() else s for s in items)
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects a {type(default).__name__}, got {text!r}") from None

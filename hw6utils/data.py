@@ -1,0 +1,335 @@
+"""Course-format data: reading `train/` + `train_info.json` + `test.json`, and building the embedded sets.
+
+The course format (spring 2025 homework):
+    train/<monsterID>_<ACTION>_<frame>.png     ACTION is letters then optional digits: main, attack12, die2
+    train_info.json  {"<monsterID>_<ACTION>": {"given_description": [str, ...], "action_description": str, ...}}
+    test.json        {"<id>": {"text_prompt": str, "image_name": "<name>.png", ...}}
+A caption is a random given description, a space, then the action description (drawn afresh each time the
+image is used); an empty action description gives the description alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMAGE_NAME = re.compile(r"^(\d+)_([A-Za-z]+\d*)_(\d+)\.png$")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass
+class CourseData:
+    """The training set of a course-format folder: one entry per image, captions per key."""
+    root: Path
+    image_paths: list            # every usable training image
+    image_keys: list             # "<monsterID>_<ACTION>" of each image
+    captions: dict               # key -> list of full captions (one per given description)
+    problems: list = field(default_factory=list)  # warnings found while reading (also emitted)
+
+    def __len__(self):
+        return len(self.image_paths)
+
+
+def make_caption(description: str, action_description: str) -> str:
+    """The course caption: description + " " + action, or the description alone when the action is empty."""
+    return f"{description} {action_description}" if action_description else description
+
+
+def read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def _captions_from_info(path: Path, info: dict) -> dict:
+    captions = {}
+    for key, entry in info.items():
+        where = f"{path}: entry {key!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        descriptions = entry.get("given_description")
+        if not isinstance(descriptions, list) or not descriptions:
+            raise ValueError(f"{where}: field 'given_description' must be a non-empty list of strings")
+        if not all(isinstance(d, str) and d.strip() for d in descriptions):
+            raise ValueError(f"{where}: field 'given_description' holds an empty or non-string description")
+        if "action_description" not in entry:
+            raise ValueError(f"{where}: field 'action_description' is missing (use \"\" for none)")
+        action = entry["action_description"]
+        if not isinstance(action, str):
+            raise ValueError(f"{where}: field 'action_description' must be a string, got {type(action).__name__}")
+        captions[key] = [make_caption(d.strip(), action.strip()) for d in descriptions]
+    return captions
+
+
+def load_course_data(data_dir) -> CourseData:
+    """Read a course-format folder (or a folder with `captions.json` = {image file: caption or [captions]})."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data folder not found (build the shapes set with `hw6 data shapes`)")
+    problems = []
+    if not (root / "train_info.json").exists() and (root / "captions.json").exists():
+        mapping = read_json(root / "captions.json", "caption mapping")
+        paths, keys, captions = [], [], {}
+        for name, caption in mapping.items():
+            options = [caption] if isinstance(caption, str) else caption
+            if not isinstance(options, list) or not options or not all(isinstance(c, str) and c for c in options):
+                raise ValueError(f"{root / 'captions.json'}: entry {name!r} must be a caption or a list of captions")
+            if not (root / name).is_file():
+                problems.append(f"{root / name}: image listed in captions.json is missing")
+                continue
+            paths.append(root / name)
+            keys.append(name)
+            captions[name] = options
+        return _finish(CourseData(root, paths, keys, captions, problems))
+
+    info_path = root / "train_info.json"
+    captions = _captions_from_info(info_path, read_json(info_path, "train_info.json"))
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{train_dir}: folder of training images not found")
+    paths, keys, bad_names, unknown = [], [], [], []
+    for path in sorted(train_dir.iterdir()):
+        match = IMAGE_NAME.match(path.name)
+        if not match:
+            bad_names.append(path.name)
+            continue
+        key = f"{match.group(1)}_{match.group(2)}"
+        if key not in captions:
+            unknown.append(path.name)
+            continue
+        paths.append(path)
+        keys.append(key)
+    if bad_names:
+        problems.append(f"{train_dir}: skipped {len(bad_names)} file(s) not named <monsterID>_<ACTION>_<frame>.png,"
+                        f" e.g. {bad_names[0]!r}")
+    if unknown:
+        problems.append(f"{train_dir}: skipped {len(unknown)} image(s) whose key is absent from train_info.json,"
+                        f" e.g. {unknown[0]!r}")
+    empty = sorted(set(captions) - set(keys))
+    if empty:
+        problems.append(f"{info_path}: {len(empty)} key(s) have no images, e.g. {empty[0]!r}")
+    return _finish(CourseData(root, paths, keys, captions, problems))
+
+
+def _finish(data: CourseData) -> CourseData:
+    for problem in data.problems:
+        warnings.warn(problem, stacklevel=3)
+    if not data.image_paths:
+        raise ValueError(f"{data.root}: no usable training images")
+    return data
+
+
+def load_test_prompts(path) -> list:
+    """[(image_name, text_prompt, entry)] from a course test.json, validated."""
+    path = Path(path)
+    entries = read_json(path, "test.json")
+    out = []
+    for key, entry in entries.items():
+        where = f"{path}: entry {key!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        prompt, name = entry.get("text_prompt"), entry.get("image_name")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field 'text_prompt' must be a non-empty string")
+        if not isinstance(name, str) or not name.endswith(".png") or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"{where}: field 'image_name' must be a plain file name ending in .png, got {name!r}")
+        out.append((name, prompt, entry))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- images
+def load_image(path, size: int) -> torch.Tensor:
+    """One image as a (3, size, size) float tensor in [-1, 1]; transparency goes over white."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "P") or "transparency" in img.info:
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            img = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable or corrupt image ({err})") from None
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """(image in [-1, 1], caption) pairs; the caption is drawn afresh among the key's options each time."""
+
+    def __init__(self, data: CourseData, image_size: int, flip: bool = False, seed: int = 0):
+        self.data, self.image_size, self.flip = data, image_size, flip
+        self.rng = random.Random(seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image = load_image(self.data.image_paths[index], self.image_size)
+        if self.flip and self.rng.random() < 0.5:
+            image = image.flip(-1)
+        caption = self.rng.choice(self.data.captions[self.data.image_keys[index]])
+        return image, caption
+
+
+def load_images(data: CourseData, image_size: int) -> torch.Tensor:
+    """All training images as one (N, 3, H, W) tensor; corrupt files are skipped with one warning each."""
+    images, keep = [], []
+    for i, path in enumerate(data.image_paths):
+        try:
+            images.append(load_image(path, image_size))
+            keep.append(i)
+        except ValueError as err:
+            warnings.warn(f"{err}; skipped", stacklevel=2)
+    if not images:
+        raise ValueError(f"{data.root}: every training image is unreadable")
+    if len(keep) < len(data.image_paths):
+        data.image_paths = [data.image_paths[i] for i in keep]
+        data.image_keys = [data.image_keys[i] for i in keep]
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------------------------- shapes set
+# Six hues spread around the colour wheel, so that no two are easily confused.
+COLOURS = {
+    "red": (215, 40, 40), "yellow": (235, 200, 30), "green": (40, 160, 60),
+    "cyan": (30, 180, 200), "blue": (40, 70, 210), "purple": (140, 50, 180),
+}
+COLOUR_SYNONYMS = {"red": "scarlet", "yellow": "golden", "green": "emerald", "cyan": "turquoise",
+                   "blue": "cobalt", "purple": "violet"}
+SHAPES = ("circle", "square", "triangle", "star")
+SHAPE_NOUNS = {"circle": ("circle", "disc", "round blob"), "square": ("square", "box", "square tile"),
+               "triangle": ("triangle", "three-sided shape", "triangular tile"),
+               "star": ("star", "five-pointed star", "star shape")}
+# Colour-shape pairs never seen in training: test.json asks for them (composition).
+HELD_OUT = (("red", "star"), ("green", "circle"), ("blue", "triangle"), ("purple", "square"))
+SIZES = {"small": 0.15, "big": 0.27}          # radius as a fraction of the image side
+PLACES = {"topleft": ("top left corner", 0.27, 0.27), "topright": ("top right corner", 0.73, 0.27),
+          "center": ("middle", 0.5, 0.5), "bottomleft": ("bottom left corner", 0.27, 0.73),
+          "bottomright": ("bottom right corner", 0.73, 0.73)}
+PLAIN_PROMPTS = ("Draw a {c} {s}.", "A picture of one {c} {s}, nothing else.", "{C} {s}.")  # unseen phrasings
+
+
+def shape_pairs(held_out: bool | None = None) -> list:
+    """All (colour, shape) pairs; held_out=True/False keeps only held-out/training pairs."""
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    if held_out is None:
+        return pairs
+    return [p for p in pairs if (p in HELD_OUT) == held_out]
+
+
+def shape_descriptions(colour: str, shape: str) -> list:
+    """The three given descriptions of one object, as in the course's train_info.json."""
+    nouns = SHAPE_NOUNS[shape]
+    return [f"A {colour} {nouns[0]}.", f"A {nouns[1]} coloured {colour}.",
+            f"A {COLOUR_SYNONYMS[colour]} ({colour}) {nouns[2]} on a white background."]
+
+
+def action_description(size: str, place: str) -> str:
+    return f"It is {size} and sits in the {PLACES[place][0]}."
+
+
+def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list:
+    """Vertices of a square, triangle or star centred at (cx, cy); angle in radians."""
+    if shape == "square":
+        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+        r = radius * 0.85
+        pts = [(x * r, y * r) for x, y in corners]
+    elif shape == "triangle":
+        pts = [(radius * math.cos(a), radius * math.sin(a) + radius * 0.15)
+               for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    else:  # five-pointed star, inner radius 0.45
+        pts = []
+        for k in range(10):
+            r = radius if k % 2 == 0 else radius * 0.45
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a)))
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in pts]
+
+
+def render_shape(colour: str, shape: str, size: str, place: str, rng: random.Random, image_size: int = 64):
+    """One jittered frame: the shape in its colour on white, drawn 4x larger then downsampled (antialiasing)."""
+    scale = 4
+    side = image_size * scale
+    img = Image.new("RGB", (side, side), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    _, fx, fy = PLACES[place]
+    cx = (fx + rng.uniform(-0.05, 0.05)) * side
+    cy = (fy + rng.uniform(-0.05, 0.05)) * side
+    radius = SIZES[size] * side * rng.uniform(0.9, 1.1)
+    fill = tuple(int(np.clip(v + rng.randint(-12, 12), 0, 255)) for v in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    else:
+        max_angle = {"square": 0.0, "triangle": 8.0, "star": 12.0}[shape]
+        angle = math.radians(rng.uniform(-max_angle, max_angle))
+        draw.polygon(shape_polygon(shape, cx, cy, radius, angle), fill=fill)
+    return img.resize((image_size, image_size), Image.LANCZOS)
+
+
+def build_shapes_dataset(out_dir, frames: int = 50, seed: int = 0, image_size: int = 64) -> Path:
+    """Write the coloured-shapes set in the course format; deterministic for a seed. Returns out_dir.
+
+    Objects ("monsters") are the training colour-shape pairs; actions are size x place; each key has
+    `frames` jittered renders. test.json asks for every pair (held-out ones included) in seen and unseen
+    phrasings, with `colour`, `shape` and `held_out` fields for the automatic check.
+    """
+    out = Path(out_dir)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    info = {}
+    for monster_id, (colour, shape) in enumerate(shape_pairs(held_out=False)):
+        for size in SIZES:
+            for place in PLACES:
+                action = f"{size}{place}"
+                key = f"{monster_id}_{action}"
+                info[key] = {"original_name": f"{colour} {shape}", "given_description": shape_descriptions(colour, shape),
+                             "action_description": action_description(size, place), "num_frames": frames}
+                for frame in range(frames):
+                    render_shape(colour, shape, size, place, rng, image_size).save(out / "train" / f"{key}_{frame}.png")
+    (out / "train_info.json").write_text(json.dumps(info, indent=1))
+    (out / "test.json").write_text(json.dumps(shape_test_entries(seed), indent=1))
+    return out
+
+
+def shape_test_entries(seed: int = 0) -> dict:
+    """The fixed prompt set: for each of the 24 pairs, one training-style caption and two unseen phrasings."""
+    rng = random.Random(seed + 1)
+    entries = {}
+    for colour, shape in shape_pairs():
+        descriptions = shape_descriptions(colour, shape)
+        size, place = rng.choice(list(SIZES)), rng.choice(list(PLACES))
+        prompts = [("seen", make_caption(rng.choice(descriptions), action_description(size, place)))]
+        for template in rng.sample(PLAIN_PROMPTS, 2):
+            prompts.append(("unseen", template.format(c=colour, C=colour.capitalize(), s=shape)))
+        for phrasing, prompt in prompts:
+            index = len(entries)
+            entries[str(index)] = {"text_prompt": prompt, "image_name": f"{index:03d}.png", "colour": colour,
+                                   "shape": shape, "held_out": (colour, shape) in HELD_OUT, "phrasing": phrasing}
+    return entries
+
+
+def ensure_shapes_dataset(data_dir, frames: int = 50, seed: int = 0, image_size: int = 64) -> Path:
+    """Build the shapes set on first use (a folder with train_info.json is left as it is)."""
+    root = Path(data_dir)
+    if not (root / "train_info.json").exists():
+        print(f"building the shapes set in {root} ({len(shape_pairs(False)) * 10 * frames} images)...")
+        build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
+    return root

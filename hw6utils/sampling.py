@@ -1,0 +1,189 @@
+"""Sampling: DDIM with classifier-free guidance, from a trained checkpoint, and generation from a test.json.
+
+The DDIM schedule is always built from the noise-schedule config saved beside the checkpoint, i.e. the
+schedule the UNet was trained with (the original course scripts trained with linear betas and sampled with
+Stable Diffusion's scaled-linear ones: a silent mismatch).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from .config import REFERENCE_DIR, Config, load_config
+from .data import load_test_prompts
+from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
+
+
+def make_sampler(noise_scheduler_config: dict) -> DDIMScheduler:
+    """A DDIMScheduler with exactly the betas of training; 'trailing' spacing so the first step starts at t = T-1."""
+    return DDIMScheduler.from_config(noise_scheduler_config, timestep_spacing="trailing", clip_sample=False)
+
+
+def unet_kwargs(unet, text: dict) -> dict:
+    """The conditioning arguments of one UNet call: token states, their padding mask, and the pooled vector."""
+    kwargs = {"encoder_hidden_states": text["emb"], "encoder_attention_mask": text["mask"]}
+    if unet.config.class_embed_type == "projection":
+        kwargs["class_labels"] = text["pooled"]
+    return kwargs
+
+
+def concat_text(*texts: dict) -> dict:
+    return {k: torch.cat([t[k] for t in texts]) for k in texts[0]}
+
+
+def expand_text(text: dict, batch: int) -> dict:
+    """Repeat a one-prompt conditioning (e.g. the empty prompt) to `batch` rows."""
+    return {k: v.expand(batch, *v.shape[1:]) for k, v in text.items()}
+
+
+def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + s * (eps_text - eps_uncond).
+
+    The unconditional and conditional halves run as one batched UNet call. guidance_scale == 1 is the
+    plain conditional prediction, so the unconditional half is skipped.
+    """
+    if guidance_scale == 1.0:
+        return unet(latents, t, **unet_kwargs(unet, text)).sample
+    cond = concat_text(expand_text(null_text, latents.shape[0]), text)
+    noise_uncond, noise_text = unet(torch.cat([latents, latents]), t, **unet_kwargs(unet, cond)).sample.chunk(2)
+    return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
+    """x_T ~ N(0, I), one generator per image, so an image depends on its seed alone, not on the batch."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+@torch.no_grad()
+def sample(unet, scheduler: DDIMScheduler, vae, text: dict, null_text: dict, seeds: list, guidance_scale: float = 7.5,
+           num_inference_steps: int = 50, eta: float = 0.0, mixed_precision: str = "no", return_steps: int = 0,
+           progress: bool = False):
+    """Denoise from x_T to x_0 with DDIM + CFG and decode: images (B, 3, H, W) in [0, 1].
+
+    With return_steps=k > 0 also returns k decoded snapshots of the predicted x_0 along the way.
+    """
+    device = unet.device
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    latents = initial_noise(seeds, (channels, size, size), device) * scheduler.init_noise_sigma
+    text = {k: v.to(device) for k, v in text.items()}
+    null_text = {k: v.to(device) for k, v in null_text.items()}
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    step_generator = torch.Generator(device).manual_seed(int(seeds[0])) if eta > 0 else None
+    snapshots, keep_at = [], set()
+    if return_steps:
+        keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="DDIM", leave=False)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
+        out = scheduler.step(noise_pred, t, latents, eta=eta, generator=step_generator)
+        latents = out.prev_sample
+        if i in keep_at:
+            snapshots.append(decode_latents(vae, out.pred_original_sample))
+    images = decode_latents(vae, latents)
+    return (images, snapshots) if return_steps else images
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(stage: str, output_dir: str = "outputs") -> Path:
+    """'reference' -> data/reference; 'last' -> newest complete outputs/ckpt_last/unet_sch_<step>;
+    a number -> that step; anything else is a folder path."""
+    if stage == "reference":
+        path = REFERENCE_DIR
+    elif stage == "last" or str(stage).isdigit():
+        root = Path(output_dir) / "ckpt_last"
+        found = list_checkpoints(root)
+        if stage != "last":
+            found = [p for p in found if p.name == f"unet_sch_{int(stage)}"]
+        if not found:
+            raise FileNotFoundError(f"{root}: no complete checkpoint {'' if stage == 'last' else 'for step ' + stage}"
+                                    " (train first: `hw6 train`, or use --stage reference)")
+        path = found[-1]
+    else:
+        path = Path(stage)
+    if not (path / "hw6_config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no hw6_config.json)")
+    return path
+
+
+def list_checkpoints(root: Path) -> list:
+    """Complete checkpoint folders under root, oldest step first (unfinished '.tmp' folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("unet_sch_*") if p.name[9:].isdigit() and (p / "hw6_config.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[9:]))
+
+
+@dataclass
+class LoadedModel:
+    """Everything sampling needs, loaded from one checkpoint folder."""
+    cfg: Config
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    vae: object
+    tokenizer: object
+    text_model: object
+    path: Path
+
+    def encode(self, prompts: list) -> dict:
+        return encode_text(self.tokenizer, self.text_model, prompts, self.cfg.encoders.max_text_len)
+
+
+def load_model(stage: str = "reference", output_dir: str = "outputs", device="cpu", use_ema: bool = True) -> LoadedModel:
+    """Load a checkpoint (UNet, or its EMA copy), its noise schedule, and the encoders it was trained with."""
+    path = resolve_checkpoint(stage, output_dir)
+    cfg = load_config(path / "hw6_config.json")
+    unet_dir = path / "ema" if use_ema and (path / "ema").is_dir() else path
+    if not (unet_dir / "config.json").is_file() and (path / "unet").is_dir():
+        unet_dir = path / "unet"
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(device).eval()
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
+    vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
+    return LoadedModel(cfg, unet, make_sampler(scheduler_config), vae, tokenizer, text_model, path)
+
+
+def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_scale: float = 7.5,
+                    num_inference_steps: int = 50, eta: float = 0.0, batch_size: int = 32, progress: bool = True) -> list:
+    """Prompts -> PIL images, in batches; image i uses seeds[i]."""
+    null_text = model.encode([""])
+    images = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, disable=not progress or len(batches) < 2, desc="generating"):
+        chunk = prompts[start:start + batch_size]
+        batch = sample(model.unet, model.scheduler, model.vae, model.encode(chunk), null_text,
+                       seeds[start:start + batch_size], guidance_scale, num_inference_steps, eta,
+                       model.cfg.train.mixed_precision if model.unet.device.type == "cuda" else "no")
+        images.extend(to_pil(batch))
+    return images
+
+
+def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
+    """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>; existing PNGs are kept."""
+    s = cfg.sample
+    test_json = Path(s.test_json or Path(cfg.data.data_dir) / "test.json")
+    entries = load_test_prompts(test_json)
+    model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema)
+    stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
+    out = Path(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]
+    start = time.time()
+    images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],
+                             s.guidance_scale, s.num_inference_steps, s.eta, s.gen_batch_size, progress)
+    size = cfg.data.image_size
+    for (_, name, _), image in zip(todo, images):
+        if image.size != (size, size):
+            image = image.resize((size, size), resample=3)
+        tmp = out / (name + ".tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(out / name)
+    print(f"wrote {len(todo)} image(s) to {out} in {time.time() - start:.1f}s "
+          f"({len(entries) - len(todo)} already there)")
+    return out

@@ -1,0 +1,388 @@
+"""Training: the UNet noise-prediction loop (one function, read top to bottom), checkpoints, and the small VAE."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from .config import Config, save_config
+from .data import ImageCaptionDataset, ensure_shapes_dataset, load_course_data, load_images
+from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
+                       text_hidden_size, to_pil)
+from .evaluation import image_grid, plot_history
+from .models import build_unet, build_vae, count_params
+from .sampling import list_checkpoints, make_sampler, sample, unet_kwargs
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """bf16 autocast on CPU and CUDA (no GradScaler needed: bf16 has fp32's exponent range)."""
+    if mixed_precision not in ("bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {mixed_precision!r}")
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def make_noise_scheduler(cfg: Config) -> DDPMScheduler:
+    """The forward process q(x_t | x_0) the UNet learns to invert; saved beside every checkpoint."""
+    return DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps, beta_schedule=cfg.train.noise_schedule,
+                         prediction_type=cfg.train.prediction_type, clip_sample=False)
+
+
+def prepare_data(cfg: Config, device):
+    """Load the data and both frozen encoders; with cache_latents, encode every image and caption once.
+
+    Returns a dict with the encoders, the null (empty-prompt) conditioning and either the cached tensors
+    (posterior mean/std per image, every unique caption encoded) or a DataLoader of raw images.
+    """
+    if cfg.data.data_dir.rstrip("/").endswith("shapes"):
+        ensure_shapes_dataset(cfg.data.data_dir, cfg.data.shapes_frames, cfg.data.data_seed, cfg.data.image_size)
+    data = load_course_data(cfg.data.data_dir)
+    tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
+    build_unet(cfg, text_hidden_size(text_model))  # fails early, with a clear message, on a size mismatch
+    vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.data.image_size // factor != cfg.model.sample_size:
+        raise ValueError(f"image_size {cfg.data.image_size} / VAE factor {factor} = {cfg.data.image_size // factor}"
+                         f" latent pixels, but sample_size is {cfg.model.sample_size}; make them agree")
+
+    def encode(prompts):
+        return encode_text(tokenizer, text_model, prompts, cfg.encoders.max_text_len)
+
+    out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
+           "null_text": encode([""])}
+    if not cfg.train.cache_latents:
+        dataset = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed)
+        out["loader"] = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                                                    drop_last=True, num_workers=2 if device.type == "cuda" else 0)
+        return out
+    start = time.time()
+    images = load_images(data, cfg.data.image_size)
+    views = [images, images.flip(-1)] if cfg.data.flip else [images]  # cache both orientations for flips
+    means, stds = [], []
+    for view in views:
+        parts = [encode_posterior(vae, view[i:i + 256]) for i in range(0, len(view), 256)]
+        means.append(torch.cat([m for m, _ in parts]).cpu())
+        stds.append(torch.cat([s for _, s in parts]).cpu())
+    unique = sorted({c for options in data.captions.values() for c in options})
+    index = {c: i for i, c in enumerate(unique)}
+    texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
+    out.update(latent_mean=torch.stack(means), latent_std=torch.stack(stds),
+               text_table={k: torch.cat([t[k] for t in texts]).cpu() for k in texts[0]},
+               caption_ids=[[index[c] for c in data.captions[key]] for key in data.image_keys])
+    print(f"cached {len(images)} latents x{len(views)} and {len(unique)} captions in {time.time() - start:.1f}s")
+    return out
+
+
+def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device):
+    """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict)."""
+    batch_size = cfg.train.batch_size
+    if "loader" in prepared:
+        images, captions = next(prepared["batches"])
+        mean, std = encode_posterior(prepared["vae"], images.to(device))
+        z = mean + std * torch.randn(mean.shape, generator=generator).to(device)
+        return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
+    mean, std = prepared["latent_mean"], prepared["latent_std"]
+    idx = torch.randint(mean.shape[1], (batch_size,), generator=generator)
+    view = torch.randint(mean.shape[0], (batch_size,), generator=generator)  # 1 = the flipped copy
+    # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
+    z = mean[view, idx] + std[view, idx] * torch.randn(mean.shape[2:], generator=generator)
+    # one caption per image, drawn afresh among its key's given descriptions
+    choice = torch.randint(1 << 30, (batch_size,), generator=generator).tolist()
+    caption_ids = torch.tensor([prepared["caption_ids"][i][c % len(prepared["caption_ids"][i])]
+                                for i, c in zip(idx.tolist(), choice)])
+    text = {k: v[caption_ids].to(device) for k, v in prepared["text_table"].items()}
+    return scale_latents(prepared["vae"], z.to(device)), text
+
+
+def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> list:
+    """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history."""
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = pick_device(t.device)
+    out_dir = Path(t.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepared or prepare_data(cfg, device)
+    null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
+    unet = build_unet(cfg, text_hidden_size(prepared["text_model"])).to(device).train()
+    noise_scheduler = make_noise_scheduler(cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps,
+                                 num_training_steps=t.max_steps)
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+    generator = torch.Generator().manual_seed(t.seed)
+    start_step, history = 0, []
+    if t.ckpt_path:
+        start_step, history = load_training_state(resolve_resume(t.ckpt_path, out_dir), unet, ema, optimizer,
+                                                  lr_scheduler, generator)
+    if "loader" in prepared:
+        prepared["batches"] = _forever(prepared["loader"])
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    effective_batch = t.batch_size * t.grad_accum
+    print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
+          f"effective batch {t.batch_size} x {t.grad_accum} = {effective_batch}, steps {start_step} -> {t.max_steps}, "
+          f"{t.mixed_precision} on {device}")
+
+    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps, disable=not progress)
+    window, tick = [], time.time()
+    for step in bar:
+        for _ in range(t.grad_accum):
+            latents, text = get_batch(prepared, cfg, generator, device)                # x_0 and its caption
+            batch = latents.shape[0]
+            # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
+            drop = (torch.rand(batch, generator=generator) < t.cond_drop_prob).to(device)
+            text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
+                    for k, v in text.items()}
+            noise = torch.randn(latents.shape, generator=generator).to(device)       # eps ~ N(0, I)
+            timesteps = torch.randint(0, t.num_train_timesteps, (batch,), generator=generator).to(device)
+            # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            if t.prediction_type == "epsilon":
+                target = noise
+            else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            with autocast(device, t.mixed_precision):
+                noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text)).sample
+            loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept). "
+                                         "Lower lr or check the data.")
+            # divide by grad_accum so the summed gradients equal the big-batch mean
+            (loss / t.grad_accum).backward()
+            window.append(loss.item())
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        done = step + 1
+        if done % t.log_freq == 0 or done == t.max_steps:
+            elapsed = time.time() - tick
+            record = {"step": done, "loss": sum(window) / len(window), "lr": lr_scheduler.get_last_lr()[0],
+                      "images_per_s": len(window) * t.batch_size / max(elapsed, 1e-9)}
+            history.append(record)
+            append_csv(out_dir / "loss_log.csv", record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            window, tick = [], time.time()
+        if t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
+            save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
+        if done % t.save_freq == 0 or done == t.max_steps:
+            save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator, history)
+    (out_dir / "history.json").write_text(json.dumps(history))
+    if history:
+        plot_history(history, out_dir / "loss.png")
+    return history
+
+
+def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weighting (Hang et al. 2023): w_t = min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v).
+
+    It stops the many easy, low-noise timesteps from dominating the loss; gamma = 0 gives plain MSE.
+    """
+    if snr_gamma <= 0:
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def append_csv(path: Path, record: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(record))
+        if new:
+            writer.writeheader()
+        writer.writerow(record)
+
+
+@contextlib.contextmanager
+def ema_weights(unet, ema):
+    """Swap the EMA weights into the UNet for the duration of the block, then put the trained ones back."""
+    if ema is None:
+        yield unet
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield unet
+    finally:
+        ema.restore(unet.parameters())
+
+
+def preview_prompts(prepared: dict, count: int = 8) -> list:
+    """Fixed prompts for the training previews: the first captions of evenly spaced keys."""
+    keys = sorted(prepared["data"].captions)
+    step = max(len(keys) // count, 1)
+    return [prepared["data"].captions[k][0] for k in keys[::step][:count]]
+
+
+@torch.no_grad()
+def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) -> None:
+    """A seeded grid of the fixed preview prompts, sampled with the EMA weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = preview_prompts(prepared)
+    unet.eval()
+    with ema_weights(unet, ema):
+        images = sample(unet, make_sampler(noise_scheduler.config), prepared["vae"], prepared["encode"](prompts),
+                        prepared["null_text"], list(range(len(prompts))), cfg.sample.preview_guidance_scale,
+                        min(cfg.sample.num_inference_steps, 25), mixed_precision="no")
+    unet.train()
+    image_grid(to_pil(images), cols=8).save(path)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
+                    generator: torch.Generator, history: list) -> Path:
+    """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
+
+    Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
+    the EMA weights), scheduler/ (the noise schedule), hw6_config.json, and training_state.pt (optimizer,
+    LR scheduler, step, RNG states, history).
+    """
+    root = Path(out_dir) / "ckpt_last"
+    final = root / f"unet_sch_{step}"
+    tmp = root / f"unet_sch_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp)
+    if ema is not None:
+        with ema_weights(unet, ema):
+            unet.save_pretrained(tmp / "ema")
+    noise_scheduler.save_pretrained(tmp / "scheduler")
+    save_config(cfg, tmp / "hw6_config.json")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                "ema_optimization_step": ema.optimization_step if ema is not None else 0,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
+               tmp / "training_state.pt")
+    if final.exists():
+        old = root / f"unet_sch_{step}.old"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    prune_checkpoints(root, cfg.train.keep_last, keep=final)
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
+    """Delete all but the newest keep_last checkpoints (never `keep`, the one just written or resumed)."""
+    if keep_last <= 0:
+        return
+    for path in list_checkpoints(root)[:-keep_last]:
+        if path.resolve() != keep.resolve():
+            shutil.rmtree(path)
+
+
+def resolve_resume(ckpt_path: str, out_dir: Path) -> Path:
+    if ckpt_path == "last":
+        found = list_checkpoints(out_dir / "ckpt_last")
+        if not found:
+            raise FileNotFoundError(f"{out_dir / 'ckpt_last'}: ckpt_path='last' but no complete checkpoint is there")
+        return found[-1]
+    path = Path(ckpt_path)
+    if not (path / "training_state.pt").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: ckpt_path must be a checkpoint folder with "
+                                "diffusion_pytorch_model.safetensors and training_state.pt")
+    return path
+
+
+def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator) -> tuple:
+    """Restore everything save_checkpoint wrote; returns (step, history)."""
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
+    if dict(saved.config) != dict(unet.config):
+        diff = sorted(k for k in unet.config if saved.config.get(k) != unet.config.get(k))
+        raise ValueError(f"{path}: the checkpoint's UNet config differs from the preset in {diff}")
+    unet.load_state_dict(saved.state_dict())
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None:
+        ema_unet = UNet2DConditionModel.from_pretrained(path / "ema", torch_dtype=torch.float32)
+        ema.shadow_params = [p.detach().clone().to(unet.device) for p in ema_unet.parameters()]
+        ema.optimization_step = state["ema_optimization_step"]
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"], list(state["history"])
+
+
+# ----------------------------------------------------------------------------------------------- the small VAE
+def train_vae(cfg: Config, progress: bool = True) -> Path:
+    """Train the small offline AutoencoderKL on the training images; save it with save_pretrained.
+
+    Loss: MSE + 0.5 L1 reconstruction + a tiny KL (keeps the posterior near N(0, I) without blurring).
+    The per-channel mean/std of the latents is stored in the config (latents_mean/latents_std) so that
+    the UNet sees unit-variance latents.
+    """
+    v = cfg.vae
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = pick_device(cfg.train.device)
+    if cfg.data.data_dir.rstrip("/").endswith("shapes"):
+        ensure_shapes_dataset(cfg.data.data_dir, cfg.data.shapes_frames, cfg.data.data_seed, cfg.data.image_size)
+    images = load_images(load_course_data(cfg.data.data_dir), cfg.data.image_size)
+    torch.manual_seed(cfg.train.seed)
+    vae = build_vae(cfg).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=v.vae_lr, weight_decay=0.0)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=min(100, v.vae_steps // 10),
+                                 num_training_steps=v.vae_steps)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    print(f"training the VAE: {count_params(vae) / 1e6:.2f}M params, {len(images)} images, {v.vae_steps} steps")
+    bar = tqdm(range(v.vae_steps), disable=not progress)
+    for _ in bar:
+        batch = images[torch.randint(len(images), (v.vae_batch_size,), generator=generator)].to(device)
+        with autocast(device, cfg.train.mixed_precision):
+            posterior = vae.encode(batch).latent_dist
+            recon = vae.decode(posterior.sample(generator=None)).sample
+        recon = recon.float()
+        loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch) + v.vae_kl_weight * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i:i + 256].to(device)).latent_dist.mean.float().cpu()
+                           for i in range(0, len(images), 256)])
+        check = images[:256].to(device)
+        recon = vae.decode(vae.encode(check).latent_dist.mean).sample.float().clamp(-1, 1)
+        psnr = 10 * math.log10(4.0 / F.mse_loss(recon, check).item())
+    vae.register_to_config(latents_mean=means.mean(dim=(0, 2, 3)).tolist(), latents_std=means.std(dim=(0, 2, 3)).tolist(),
+                           scaling_factor=1.0)
+    out = Path(v.vae_out)
+    vae.save_pretrained(out)
+    print(f"VAE saved to {out}: reconstruction PSNR {psnr:.1f} dB on 256 training images")
+    return out

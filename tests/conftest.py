@@ -1,0 +1,37 @@
+"""Tiny fixtures built from configs (as diffusers' own tests do): no downloads, seconds on a CPU."""
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*accelerate.*")
+
+from hw6utils.config import get_preset  # noqa: E402
+from hw6utils.data import build_shapes_dataset  # noqa: E402
+from hw6utils.models import build_vae  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """The shapes set with one frame per object-action (200 images)."""
+    return build_shapes_dataset(tmp_path_factory.mktemp("shapes") / "shapes", frames=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A random-weight 3-level AutoencoderKL (f=4) saved with save_pretrained, with per-channel latent stats."""
+    torch.manual_seed(0)
+    vae = build_vae(get_preset("smoke", vae_block_out_channels=(8, 8, 8)))
+    vae.register_to_config(latents_mean=[0.0, 0.1, 0.0, -0.1], latents_std=[0.5, 0.5, 0.6, 0.4])
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def smoke_cfg(shapes_dir, vae_dir, tmp_path):
+    """The smoke preset on the small shapes set and the random VAE, writing into a fresh folder."""
+    return get_preset("smoke", data_dir=str(shapes_dir), vae=str(vae_dir), output_dir=str(tmp_path / "outputs"))

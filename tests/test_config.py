@@ -1,0 +1,43 @@
+import pytest
+
+from hw6utils.config import PRESETS, config_from_dict, config_to_dict, get_preset, parse_value
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips_through_a_dict(name):
+    cfg = get_preset(name)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_overrides_reach_the_owning_stage():
+    cfg = get_preset("tiny", lr=3e-4, image_size=32, block_out_channels=[8, 16])
+    assert cfg.train.lr == 3e-4 and cfg.data.image_size == 32
+    assert cfg.model.block_out_channels == (8, 16)
+    assert get_preset("tiny").train.lr != 3e-4  # presets are not mutated
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\].*valid keys: .*lr"):
+        get_preset("tiny", learning_rate=1.0)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="unknown preset 'huge'; valid presets: tiny"):
+        get_preset("huge")
+
+
+def test_command_line_values_take_the_field_type():
+    assert parse_value("lr", "0.5") == 0.5
+    assert parse_value("flip", "true") is True
+    assert parse_value("block_out_channels", "8,16") == (8, 16)
+    with pytest.raises(ValueError, match="--max_steps expects a int, got 'ten'"):
+        parse_value("max_steps", "ten")
+
+
+def test_hw6_preset_is_the_course_setting():
+    cfg = get_preset("hw6")
+    assert cfg.encoders.text_encoder == "openai/clip-vit-base-patch32"
+    assert (cfg.encoders.vae, cfg.encoders.vae_subfolder) == ("CompVis/stable-diffusion-v1-4", "vae")
+    assert (cfg.data.image_size, cfg.train.batch_size, cfg.train.grad_accum) == (256, 32, 16)
+    assert (cfg.train.eval_freq, cfg.train.save_freq, cfg.sample.num_inference_steps) == (500, 500, 50)
+    assert cfg.train.mixed_precision == "bf16"

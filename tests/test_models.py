@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from hw6utils.config import get_preset
+from hw6utils.models import build_unet, count_params
+
+
+def test_hw6_preset_builds_the_exact_course_unet():
+    cfg = get_preset("hw6")
+    unet = build_unet(cfg, text_hidden_size=512)
+    assert count_params(unet) == 241_363_972
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 32, 32), 10, encoder_hidden_states=torch.randn(1, 77, 512)).sample
+    assert out.shape == (1, 4, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["tiny", "reference", "smoke"])
+def test_small_presets_build_and_run(name):
+    cfg = get_preset(name)
+    unet = build_unet(cfg, text_hidden_size=384)
+    size = cfg.model.sample_size
+    with torch.no_grad():
+        out = unet(torch.randn(2, 4, size, size), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 384),
+                   class_labels=torch.randn(2, 384)).sample
+    assert out.shape == (2, 4, size, size)
+
+
+def test_cross_attention_dim_must_match_the_text_encoder():
+    with pytest.raises(ValueError, match="cross_attention_dim is 384 but the text encoder 'minilm' has hidden size 512"):
+        build_unet(get_preset("tiny"), text_hidden_size=512)
