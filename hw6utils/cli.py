@@ -143,7 +143,11 @@ def demo(cfg) -> None:
     history = train(cfg)
     print(f"trained in {(time.time() - start) / 60:.1f} min; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
     print(evaluate_stage(cfg, "last"))
-    print(evaluate_stage(cfg, "reference"))
+    from .config import REFERENCE_DIR
+    if (REFERENCE_DIR / "hw6_config.json").is_file():
+        print(evaluate_stage(cfg, "reference"))
+    else:
+        print(f"no reference model in {REFERENCE_DIR} (make it with `make reference`)")
     out = Path(cfg.train.output_dir)
     print(f"outputs: {out / 'ckpt_last'}, {out / 'samples_last'}, {out / 'loss.png'}; total {(time.time() - start) / 60:.1f} min")
 

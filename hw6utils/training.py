@@ -124,6 +124,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepared or prepare_data(cfg, device)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
+    torch.manual_seed(t.seed)  # the UNet's initial weights
     unet = build_unet(cfg, text_hidden_size(prepared["text_model"])).to(device).train()
     noise_scheduler = make_noise_scheduler(cfg)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -320,8 +321,12 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     from diffusers import UNet2DConditionModel
 
     saved = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
-    if dict(saved.config) != dict(unet.config):
-        diff = sorted(k for k in unet.config if saved.config.get(k) != unet.config.get(k))
+    def plain(config):  # JSON round trip: tuples and lists compare equal; private keys are ignored
+        return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+    saved_config, preset_config = plain(saved.config), plain(unet.config)
+    if saved_config != preset_config:
+        diff = sorted(k for k in preset_config if saved_config.get(k) != preset_config.get(k))
         raise ValueError(f"{path}: the checkpoint's UNet config differs from the preset in {diff}")
     unet.load_state_dict(saved.state_dict())
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)

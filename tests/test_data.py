@@ -1,0 +1,112 @@
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from hw6utils.data import (HELD_OUT, ImageCaptionDataset, load_course_data, load_image, load_test_prompts,
+                           make_caption, shape_pairs)
+
+
+def write_course(root, info, images):
+    (root / "train").mkdir(parents=True)
+    (root / "train_info.json").write_text(json.dumps(info))
+    for name in images:
+        Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "train" / name)
+    return root
+
+
+ENTRY = {"original_name": "x", "given_description": ["Gray vulture monster with wings."],
+         "action_description": "The monster is being hit.", "num_frames": 1}
+
+
+def test_shapes_set_is_in_the_course_format(shapes_dir):
+    info = json.loads((shapes_dir / "train_info.json").read_text())
+    assert len(info) == len(shape_pairs(held_out=False)) * 10
+    key, entry = next(iter(info.items()))
+    assert set(entry) == {"original_name", "given_description", "action_description", "num_frames"}
+    assert len(entry["given_description"]) == 3
+    assert (shapes_dir / "train" / f"{key}_0.png").is_file()
+    names = {e["original_name"] for e in info.values()}
+    assert not any(f"{c} {s}" in names for c, s in HELD_OUT)  # held-out pairs never appear in training
+    tests = load_test_prompts(shapes_dir / "test.json")
+    assert len(tests) == 72 and sum(e["held_out"] for _, _, e in tests) == 12
+
+
+def test_caption_is_description_space_action_or_description_alone():
+    assert make_caption("A red circle.", "It is small.") == "A red circle. It is small."
+    assert make_caption("A red circle.", "") == "A red circle."
+
+
+def test_loader_reads_keys_with_digits_and_warns_about_orphans(tmp_path):
+    info = {"3_attack12": ENTRY, "3_main": {**ENTRY, "action_description": ""}, "4_die2": ENTRY}
+    root = write_course(tmp_path / "d", info, ["3_attack12_0.png", "3_attack12_4.png", "3_main_0.png",
+                                               "9_jump_0.png", "notes.png"])
+    with pytest.warns(UserWarning) as caught:
+        data = load_course_data(root)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "1 file(s) not named" in messages and "1 image(s) whose key is absent" in messages
+    assert "1 key(s) have no images, e.g. '4_die2'" in messages
+    assert len(data) == 3 and data.captions["3_main"] == ["Gray vulture monster with wings."]
+    assert data.captions["3_attack12"] == ["Gray vulture monster with wings. The monster is being hit."]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"action_description": ""}, "field 'given_description' must be a non-empty list"),
+    ({"given_description": [], "action_description": ""}, "field 'given_description' must be a non-empty list"),
+    ({"given_description": [""], "action_description": ""}, "empty or non-string description"),
+    ({"given_description": ["a"]}, "field 'action_description' is missing"),
+    ("text", "expected an object"),
+])
+def test_bad_train_info_entries_name_file_key_and_field(tmp_path, entry, message):
+    root = write_course(tmp_path / "d", {"1_main": entry}, [])
+    with pytest.raises(ValueError, match=message) as err:
+        load_course_data(root)
+    assert "train_info.json: entry '1_main'" in str(err.value)
+
+
+def test_wrong_json_shape_and_missing_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train_info.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object at the top level, got list"):
+        load_course_data(tmp_path / "d")
+    (tmp_path / "d" / "train_info.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_course_data(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="data folder not found"):
+        load_course_data(tmp_path / "missing")
+
+
+def test_test_json_validation(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps({"0": {"text_prompt": "A red circle.", "image_name": "0_main.png"}}))
+    assert load_test_prompts(path)[0][:2] == ("0_main.png", "A red circle.")
+    for entry, field in [({"image_name": "a.png"}, "text_prompt"), ({"text_prompt": "x", "image_name": "../a.png"}, "image_name"),
+                         ({"text_prompt": "x", "image_name": "a.jpg"}, "image_name"), ({"text_prompt": "", "image_name": "a.png"}, "text_prompt")]:
+        path.write_text(json.dumps({"7": entry}))
+        with pytest.raises(ValueError, match=f"entry '7': field '{field}'"):
+            load_test_prompts(path)
+
+
+def test_images_are_converted_resized_and_scaled(tmp_path):
+    rgba = Image.new("RGBA", (10, 20), (0, 0, 0, 0))  # fully transparent -> white
+    rgba.save(tmp_path / "a.png")
+    Image.new("L", (8, 8), 0).save(tmp_path / "g.png")
+    Image.new("P", (8, 8), 0).save(tmp_path / "p.png")
+    white = load_image(tmp_path / "a.png", 16)
+    assert white.shape == (3, 16, 16) and torch.allclose(white, torch.ones_like(white))
+    assert load_image(tmp_path / "g.png", 16).min() == -1.0
+    assert load_image(tmp_path / "p.png", 16).shape == (3, 16, 16)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="bad.png: unreadable or corrupt image"):
+        load_image(tmp_path / "bad.png", 16)
+
+
+def test_dataset_draws_captions_afresh(shapes_dir):
+    data = load_course_data(shapes_dir)
+    dataset = ImageCaptionDataset(data, 32, flip=True, seed=0)
+    captions = {dataset[0][1] for _ in range(30)}
+    assert captions == set(data.captions[data.image_keys[0]])
+    image, _ = dataset[0]
+    assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from hw6utils.config import apply_overrides, get_preset
+from hw6utils.encoders import load_text_encoder, load_vae
+from hw6utils.models import build_unet
+from hw6utils.sampling import generate, guided_noise_pred, load_model, make_sampler, sample, unet_kwargs
+from hw6utils.training import make_noise_scheduler, train
+
+
+@pytest.fixture(scope="module")
+def parts(vae_dir):
+    cfg = get_preset("smoke")
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval()
+    tokenizer, text_model = load_text_encoder("minilm")
+    from hw6utils.encoders import encode_text
+    encode = lambda prompts: encode_text(tokenizer, text_model, prompts, 20)  # noqa: E731
+    return cfg, unet, load_vae(str(vae_dir)), encode
+
+
+def test_sampler_uses_the_training_schedule():
+    ddpm = make_noise_scheduler(get_preset("hw6"))
+    ddim = make_sampler(ddpm.config)
+    assert torch.equal(ddim.betas, ddpm.betas) and ddim.config.beta_schedule == "linear"
+
+
+def test_ddim_step_by_hand_matches_the_scheduler():
+    ddim = make_sampler(make_noise_scheduler(get_preset("tiny")).config)
+    ddim.set_timesteps(10)
+    t, prev_t = ddim.timesteps[3], ddim.timesteps[4]
+    latents, noise_pred = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    a_t, a_prev = ddim.alphas_cumprod[t], ddim.alphas_cumprod[prev_t]
+    pred_x0 = (latents - (1 - a_t).sqrt() * noise_pred) / a_t.sqrt()          # DDIM eq. (12), predicted x_0
+    by_hand = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * noise_pred      # plus the direction to x_t (eta = 0)
+    assert torch.allclose(ddim.step(noise_pred, t, latents).prev_sample, by_hand, atol=1e-5)
+
+
+def test_guidance_one_is_the_conditional_prediction(parts):
+    cfg, unet, _, encode = parts
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor(500)
+    text, null = encode(["A red circle.", "A blue star."]), encode([""])
+    with torch.no_grad():
+        conditional = unet(latents, t, **unet_kwargs(unet, text)).sample
+        guided = guided_noise_pred(unet, latents, t, text, null, 1.0)
+        uncond = unet(latents, t, **unet_kwargs(unet, {k: v.expand(2, *v.shape[1:]) for k, v in null.items()})).sample
+        strong = guided_noise_pred(unet, latents, t, text, null, 3.0)
+    assert torch.allclose(guided, conditional, atol=1e-5)
+    assert torch.allclose(strong, uncond + 3.0 * (conditional - uncond), atol=1e-4)
+
+
+def test_sampling_is_deterministic_per_seed_and_in_range(parts):
+    cfg, unet, vae, encode = parts
+    sampler = make_sampler(make_noise_scheduler(cfg).config)
+    text, null = encode(["A red circle.", "A blue star."]), encode([""])
+    first = sample(unet, sampler, vae, text, null, [7, 8], 4.0, 5)
+    again = sample(unet, sampler, vae, text, null, [7, 8], 4.0, 5)
+    alone = sample(unet, sampler, vae, {k: v[1:] for k, v in text.items()}, null, [8], 4.0, 5)
+    assert first.shape == (2, 3, 64, 64) and 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, again)
+    assert torch.allclose(first[1:], alone, atol=1e-5)  # an image depends on its own seed, not on the batch
+    assert not torch.allclose(first[0], sample(unet, sampler, vae, {k: v[:1] for k, v in text.items()}, null, [9], 4.0, 5)[0])
+
+
+def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
+    cfg = apply_overrides(smoke_cfg, max_steps=1, eval_freq=0)
+    train(cfg, progress=False)
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps({str(i): {"text_prompt": p, "image_name": f"{i}_main.png"}
+                                     for i, p in enumerate(["A red circle.", "A cyan star.", "A big square."])}))
+    out = generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
+    assert out.name == "png_1_3"
+    assert sorted(p.name for p in out.iterdir()) == ["0_main.png", "1_main.png", "2_main.png"]
+    assert Image.open(out / "0_main.png").size == (64, 64)
+    before = (out / "1_main.png").stat().st_mtime_ns
+    generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
+    assert (out / "1_main.png").stat().st_mtime_ns == before  # existing images are kept (resumable)
+    assert load_model("last", cfg.train.output_dir).cfg.train.noise_schedule == "squaredcos_cap_v2"
