@@ -160,7 +160,7 @@ def _tiny() -> Config:
 
 def _reference() -> Config:
     # The shipped model: the tiny recipe trained longer, at a slightly lower peak learning rate.
-    return apply_overrides(Config(preset="reference"), max_steps=4000, lr=1e-3, ema_decay=0.998, save_freq=500, eval_freq=1000,
+    return apply_overrides(Config(preset="reference"), max_steps=6000, lr=1e-3, ema_decay=0.998, save_freq=500, eval_freq=1000,
                            output_dir="outputs/reference")
 
 

@@ -333,3 +333,48 @@ def ensure_shapes_dataset(data_dir, frames: int = 50, seed: int = 0, image_size:
         print(f"building the shapes set in {root} ({len(shape_pairs(False)) * 10 * frames} images)...")
         build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
     return root
+
+
+# ----------------------------------------------------------------------------------------------- emoji set
+EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
+
+
+def build_emoji_dataset(out_dir, image_size: int = 64, limit: int = 0, font_path: str | None = None) -> Path:
+    """Render every fully-qualified emoji the font has to a PNG, captioned with its CLDR name, in the course format.
+
+    Each emoji is one "monster" with the single action `main` (empty action description, as the course's `main`
+    keys have) and frame 0. The font holds one 109-pixel colour strike, drawn with embedded_color=True.
+    """
+    import emoji
+    from PIL import ImageFont
+
+    font_path = Path(font_path or EMOJI_FONT)
+    if not font_path.is_file():
+        raise FileNotFoundError(f"{font_path}: emoji font not found (install Debian's fonts-noto-color-emoji)")
+    font = ImageFont.truetype(str(font_path), 109)
+    out = Path(out_dir)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    info = {}
+    qualified = [e for e, meta in emoji.EMOJI_DATA.items() if meta.get("status") == emoji.STATUS["fully_qualified"]]
+    for char in qualified:
+        canvas = Image.new("RGBA", (136, 128), (255, 255, 255, 0))
+        ImageDraw.Draw(canvas).text((0, 0), char, font=font, embedded_color=True)
+        box = canvas.getbbox()
+        if box is None:  # the font has no glyph for this sequence
+            continue
+        glyph = canvas.crop(box)
+        side = max(glyph.size)
+        square = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+        square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
+        key = f"{len(info)}_main"
+        square.convert("RGB").resize((image_size, image_size), Image.LANCZOS).save(out / "train" / f"{key}_0.png")
+        name = emoji.EMOJI_DATA[char]["en"].strip(":").replace("_", " ")
+        info[key] = {"original_name": name, "given_description": [f"{name} emoji", f"An emoji of {name}.", name],
+                     "action_description": "", "num_frames": 1}
+        if limit and len(info) >= limit:
+            break
+    (out / "train_info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    tests = {str(i): {"text_prompt": entry["given_description"][1], "image_name": f"{key}.png"}
+             for i, (key, entry) in enumerate(list(info.items())[:: max(len(info) // 64, 1)])}
+    (out / "test.json").write_text(json.dumps(tests, indent=1))
+    return out

@@ -177,7 +177,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
     start = time.time()
     images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],
                              s.guidance_scale, s.num_inference_steps, s.eta, s.gen_batch_size, progress)
-    size = cfg.data.image_size
+    size = model.cfg.data.image_size  # the resolution the model was trained at
     for (_, name, _), image in zip(todo, images):
         if image.size != (size, size):
             image = image.resize((size, size), resample=3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -76,21 +77,51 @@ def prepare_data(cfg: Config, device):
                                                     drop_last=True, num_workers=2 if device.type == "cuda" else 0)
         return out
     start = time.time()
-    images = load_images(data, cfg.data.image_size)
-    views = [images, images.flip(-1)] if cfg.data.flip else [images]  # cache both orientations for flips
-    means, stds = [], []
-    for view in views:
-        parts = [encode_posterior(vae, view[i:i + 256]) for i in range(0, len(view), 256)]
-        means.append(torch.cat([m for m, _ in parts]).cpu())
-        stds.append(torch.cat([s for _, s in parts]).cpu())
+    latent_mean, latent_std = cache_latents(data, vae, cfg)
     unique = sorted({c for options in data.captions.values() for c in options})
     index = {c: i for i, c in enumerate(unique)}
     texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
-    out.update(latent_mean=torch.stack(means), latent_std=torch.stack(stds),
+    out.update(latent_mean=latent_mean, latent_std=latent_std,
                text_table={k: torch.cat([t[k] for t in texts]).cpu() for k in texts[0]},
                caption_ids=[[index[c] for c in data.captions[key]] for key in data.image_keys])
-    print(f"cached {len(images)} latents x{len(views)} and {len(unique)} captions in {time.time() - start:.1f}s")
+    print(f"{len(data)} latents x{latent_mean.shape[0]} and {len(unique)} captions ready in {time.time() - start:.1f}s")
     return out
+
+
+def cache_latents(data, vae, cfg: Config):
+    """Posterior mean and std of every training image, (views, N, C, h, w); views = 2 with flips.
+
+    Stored in <output_dir>/cache/latents_<hash>.safetensors, keyed by the image files (names, sizes,
+    modification times), the VAE and its config, the resolution and the flip setting: reused while all
+    of these are unchanged, rebuilt when anything changed.
+    """
+    from safetensors.torch import load_file, save_file
+
+    all_paths, all_keys = list(data.image_paths), list(data.image_keys)
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in all_paths]
+    vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    key = json.dumps([files, cfg.encoders.vae, cfg.encoders.vae_subfolder, vae_config, cfg.data.image_size,
+                      cfg.data.flip], sort_keys=True, default=str)
+    path = Path(cfg.train.output_dir) / "cache" / f"latents_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        saved = load_file(path)
+        kept = saved["kept"].tolist()
+    else:
+        images = load_images(data, cfg.data.image_size)  # drops unreadable files from data, with a warning each
+        readable = set(data.image_paths)
+        kept = [i for i, p in enumerate(all_paths) if p in readable]
+        views = [images, images.flip(-1)] if cfg.data.flip else [images]  # cache both orientations for flips
+        means, stds = [], []
+        for view in views:
+            parts = [encode_posterior(vae, view[i:i + 256]) for i in range(0, len(view), 256)]
+            means.append(torch.cat([m for m, _ in parts]).cpu())
+            stds.append(torch.cat([s for _, s in parts]).cpu())
+        saved = {"mean": torch.stack(means), "std": torch.stack(stds), "kept": torch.tensor(kept)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(saved, str(path) + ".tmp")
+        Path(str(path) + ".tmp").replace(path)
+    data.image_paths, data.image_keys = [all_paths[i] for i in kept], [all_keys[i] for i in kept]
+    return saved["mean"], saved["std"]
 
 
 def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device):

@@ -1,5 +1,5 @@
 import json
-import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +110,33 @@ def test_dataset_draws_captions_afresh(shapes_dir):
     assert captions == set(data.captions[data.image_keys[0]])
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1
+
+
+def test_emoji_builder_writes_the_course_format(tmp_path):
+    from hw6utils.data import EMOJI_FONT, build_emoji_dataset
+    if not Path(EMOJI_FONT).is_file():
+        pytest.skip(f"{EMOJI_FONT} is not installed (Debian package fonts-noto-color-emoji)")
+    root = build_emoji_dataset(tmp_path / "emoji", image_size=32, limit=5)
+    data = load_course_data(root)
+    assert len(data) == 5 and all(k.endswith("_main") for k in data.image_keys)
+    first = data.captions[data.image_keys[0]]
+    assert first[0].endswith(" emoji") and "_" not in first[0]
+    image = Image.open(data.image_paths[0])
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert len(load_test_prompts(root / "test.json")) >= 1
+
+
+def test_emoji_builder_names_a_missing_font(tmp_path):
+    from hw6utils.data import build_emoji_dataset
+    with pytest.raises(FileNotFoundError, match="nofont.ttf: emoji font not found"):
+        build_emoji_dataset(tmp_path / "e", font_path=str(tmp_path / "nofont.ttf"))
+
+
+def test_a_plain_caption_mapping_is_accepted(tmp_path):
+    root = tmp_path / "plain"
+    root.mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "a.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "b.png")
+    (root / "captions.json").write_text(json.dumps({"a.png": "A blue tile.", "b.png": ["A red tile.", "Red."]}))
+    data = load_course_data(root)
+    assert len(data) == 2 and data.captions["b.png"] == ["A red tile.", "Red."]

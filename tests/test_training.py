@@ -50,3 +50,40 @@ def test_resume_continues_exactly(smoke_cfg):
 def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(apply_overrides(smoke_cfg, ckpt_path="last"), progress=False)
+
+
+def test_v_prediction_trains_and_is_saved_in_the_schedule(smoke_cfg):
+    cfg = apply_overrides(smoke_cfg, max_steps=2, prediction_type="v_prediction", eval_freq=0)
+    history = train(cfg, progress=False)
+    assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+    saved = json.loads((Path(cfg.train.output_dir) / "ckpt_last/unet_sch_2/scheduler/scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+
+
+def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp_path):
+    import shutil
+    import warnings
+
+    from hw6utils.data import load_course_data
+    from hw6utils.encoders import load_vae
+    from hw6utils.training import cache_latents
+    data_dir = tmp_path / "data"
+    shutil.copytree(smoke_cfg.data.data_dir, data_dir)
+    cfg = apply_overrides(smoke_cfg, data_dir=str(data_dir))
+    vae = load_vae(cfg.encoders.vae)
+    first = cache_latents(load_course_data(data_dir), vae, cfg)[0]
+    files = list((Path(cfg.train.output_dir) / "cache").iterdir())
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert torch.equal(cache_latents(load_course_data(data_dir), vae, cfg)[0], first)
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    victim = sorted((data_dir / "train").iterdir())[0]
+    victim.write_bytes(b"not a png")  # a corrupt image: skipped with a warning, and a new cache
+    data = load_course_data(data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mean, _ = cache_latents(data, vae, cfg)
+    assert any("unreadable or corrupt" in str(w.message) for w in caught)
+    assert mean.shape[1] == first.shape[1] - 1 == len(data.image_paths) == len(data.image_keys)
+    assert victim not in data.image_paths
+    assert len(list((Path(cfg.train.output_dir) / "cache").iterdir())) == 2
