@@ -7,6 +7,8 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -164,9 +166,9 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(t.seed)
     start_step, history = 0, []
-    if t.ckpt_path:
-        start_step, history = load_training_state(resolve_resume(t.ckpt_path, out_dir), unet, ema, optimizer,
-                                                  lr_scheduler, generator)
+    resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
+    if resume_from is not None:
+        start_step, history = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator)
     if "loader" in prepared:
         prepared["batches"] = _forever(prepared["loader"])
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -177,56 +179,90 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
 
     bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps, disable=not progress)
     window, tick = [], time.time()
-    for step in bar:
-        for _ in range(t.grad_accum):
-            latents, text = get_batch(prepared, cfg, generator, device)                # x_0 and its caption
-            batch = latents.shape[0]
-            # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
-            drop = (torch.rand(batch, generator=generator) < t.cond_drop_prob).to(device)
-            text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
-                    for k, v in text.items()}
-            noise = torch.randn(latents.shape, generator=generator).to(device)       # eps ~ N(0, I)
-            timesteps = torch.randint(0, t.num_train_timesteps, (batch,), generator=generator).to(device)
-            # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            if t.prediction_type == "epsilon":
-                target = noise
-            else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            with autocast(device, t.mixed_precision):
-                noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text)).sample
-            loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            loss = (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept). "
-                                         "Lower lr or check the data.")
-            # divide by grad_accum so the summed gradients equal the big-batch mean
-            (loss / t.grad_accum).backward()
-            window.append(loss.item())
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(unet.parameters())
-        done = step + 1
-        if done % t.log_freq == 0 or done == t.max_steps:
-            elapsed = time.time() - tick
-            record = {"step": done, "loss": sum(window) / len(window), "lr": lr_scheduler.get_last_lr()[0],
-                      "images_per_s": len(window) * t.batch_size / max(elapsed, 1e-9)}
-            history.append(record)
-            append_csv(out_dir / "loss_log.csv", record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            window, tick = [], time.time()
-        if t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
-            save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
-        if done % t.save_freq == 0 or done == t.max_steps:
-            save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator, history)
+    with stop_on_interrupt() as interrupted:
+        for step in bar:
+            for _ in range(t.grad_accum):
+                latents, text = get_batch(prepared, cfg, generator, device)                # x_0 and its caption
+                loss = diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg, generator)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept). "
+                                             "Lower lr or check the data.")
+                # divide by grad_accum so the summed gradients equal the big-batch mean
+                (loss / t.grad_accum).backward()
+                window.append(loss.item())
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unet.parameters())
+            done = step + 1
+            if done % t.log_freq == 0 or done == t.max_steps:
+                elapsed = time.time() - tick
+                record = {"step": done, "loss": sum(window) / len(window), "lr": lr_scheduler.get_last_lr()[0],
+                          "images_per_s": len(window) * t.batch_size / max(elapsed, 1e-9)}
+                history.append(record)
+                append_csv(out_dir / "loss_log.csv", record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                window, tick = [], time.time()
+            if t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
+                save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
+            if done % t.save_freq == 0 or done == t.max_steps or interrupted():
+                save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator,
+                                history, protect=resume_from)
+            if interrupted():
+                print(f"stopped by Ctrl-C after step {done}, checkpoint saved; resume with ckpt_path='last'")
+                break
     (out_dir / "history.json").write_text(json.dumps(history))
     if history:
         plot_history(history, out_dir / "loss.png")
     return history
+
+
+def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, cfg: Config, generator) -> torch.Tensor:
+    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR."""
+    t = cfg.train
+    device = latents.device
+    batch = latents.shape[0]
+    # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
+    drop = (torch.rand(batch, generator=generator) < t.cond_drop_prob).to(device)
+    text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
+            for k, v in text.items()}
+    noise = torch.randn(latents.shape, generator=generator).to(device)       # eps ~ N(0, I)
+    timesteps = torch.randint(0, t.num_train_timesteps, (batch,), generator=generator).to(device)
+    # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if t.prediction_type == "epsilon":
+        target = noise
+    else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    with autocast(device, t.mixed_precision):
+        noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text)).sample
+    loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
+
+
+@contextlib.contextmanager
+def stop_on_interrupt():
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once
+    (a checkpoint being written then stays a .tmp folder; the last complete one is untouched)."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: str) -> torch.Tensor:
@@ -292,7 +328,7 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list) -> Path:
+                    generator: torch.Generator, history: list, protect: Path | None = None) -> Path:
     """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
@@ -321,16 +357,17 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    prune_checkpoints(root, cfg.train.keep_last, keep=final)
+    prune_checkpoints(root, cfg.train.keep_last, keep={final, protect})
     return final
 
 
-def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
-    """Delete all but the newest keep_last checkpoints (never `keep`, the one just written or resumed)."""
+def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
+    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from)."""
     if keep_last <= 0:
         return
+    protected = {Path(p).resolve() for p in keep if p is not None}
     for path in list_checkpoints(root)[:-keep_last]:
-        if path.resolve() != keep.resolve():
+        if path.resolve() not in protected:
             shutil.rmtree(path)
 
 
