@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-reference":
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
             p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
+    nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
+                         description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")
+    nbs.add_argument("names", nargs="*", help="notebooks to run, e.g. 01_data (default: all, in order)")
+    nbs.add_argument("-f", "--parameters_file", help="YAML file of notebook parameters (papermill's format)")
+    nbs.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="one notebook parameter, its value read as YAML (5: int, 2.5: float, null: None, text: str)")
+    nbs.add_argument("--out_dir", default="outputs/notebooks", help="executed copies [outputs/notebooks]")
+    nbs.add_argument("--cwd", default="notebooks", help="folder of the notebooks [notebooks]")
+    nbs.add_argument("--timeout", type=float, default=None, help="seconds per cell [no limit]")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -63,7 +72,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
         print(f"hw6 {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -77,6 +86,14 @@ def run(args) -> int:
         else:
             out = data_mod.build_emoji_dataset(args.out, args.image_size, args.limit, args.font or None)
         print(f"wrote {out}")
+        return 0
+    if args.command == "run-notebooks":
+        import yaml
+
+        from .notebooks import load_parameters, run_notebooks
+        parameters = load_parameters(args.parameters_file)
+        parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
+        run_notebooks(args.names or None, parameters, args.out_dir, args.cwd, args.timeout)
         return 0
     cfg = config_from_args(args)
     if args.command == "train-vae":

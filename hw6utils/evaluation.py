@@ -115,14 +115,16 @@ def image_grid(images: list, cols: int = 8, pad: int = 2) -> Image.Image:
 
 
 def plot_history(history: list, path=None):
-    """Loss (and learning rate) against optimizer step; saved to `path` when given. Returns the figure."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """Loss (and learning rate) against optimizer step; saved to `path` when given. Returns the figure.
+
+    Built with matplotlib's object API (no pyplot state, no backend switch), so it works the same in a
+    script and in a notebook, where the returned figure displays itself.
+    """
+    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(steps, [h["loss"] for h in history], label="training loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")

@@ -16,13 +16,18 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from .config import REFERENCE_DIR, Config, load_config
-from .data import load_test_prompts
+from .data import ensure_writable_dir, load_test_prompts
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
 
 
 def make_sampler(noise_scheduler_config: dict) -> DDIMScheduler:
-    """A DDIMScheduler with exactly the betas of training; 'trailing' spacing so the first step starts at t = T-1."""
-    return DDIMScheduler.from_config(noise_scheduler_config, timestep_spacing="trailing", clip_sample=False)
+    """A DDIMScheduler with exactly the betas of training.
+
+    'leading' spacing (the first step at t = T - T/steps, e.g. 980 of 1000) rather than 'trailing' (t = 999):
+    with the cosine schedule alpha_bar_999 is ~2e-9, and the predicted x_0 = (x_t - sqrt(1 - alpha_bar) eps)
+    / sqrt(alpha_bar) would multiply any error in eps by ~20,000 on the very first step.
+    """
+    return DDIMScheduler.from_config(noise_scheduler_config, timestep_spacing="leading", clip_sample=False)
 
 
 def unet_kwargs(unet, text: dict) -> dict:
@@ -171,8 +176,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
     entries = load_test_prompts(test_json)
     model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema)
     stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
-    out = Path(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}")
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]
     start = time.time()
     images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],

@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .config import Config, save_config
-from .data import ImageCaptionDataset, ensure_shapes_dataset, load_course_data, load_images
+from .data import ImageCaptionDataset, ensure_data, ensure_writable_dir, load_course_data, load_images
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history
@@ -57,9 +57,7 @@ def prepare_data(cfg: Config, device):
     Returns a dict with the encoders, the null (empty-prompt) conditioning and either the cached tensors
     (posterior mean/std per image, every unique caption encoded) or a DataLoader of raw images.
     """
-    if cfg.data.data_dir.rstrip("/").endswith("shapes"):
-        ensure_shapes_dataset(cfg.data.data_dir, cfg.data.shapes_frames, cfg.data.data_seed, cfg.data.image_size)
-    data = load_course_data(cfg.data.data_dir)
+    data = load_course_data(ensure_data(cfg))
     tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
     build_unet(cfg, text_hidden_size(text_model))  # fails early, with a clear message, on a size mismatch
     vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
@@ -153,8 +151,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     device = pick_device(t.device)
-    out_dir = Path(t.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_writable_dir(t.output_dir)
     prepared = prepared or prepare_data(cfg, device)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
     torch.manual_seed(t.seed)  # the UNet's initial weights
@@ -169,6 +166,8 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
     if resume_from is not None:
         start_step, history = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator)
+    else:
+        archive_previous_run(out_dir)
     if "loader" in prepared:
         prepared["batches"] = _forever(prepared["loader"])
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
@@ -185,7 +184,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                 latents, text = get_batch(prepared, cfg, generator, device)                # x_0 and its caption
                 loss = diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg, generator)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept). "
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping (last checkpoint kept). "
                                              "Lower lr or check the data.")
                 # divide by grad_accum so the summed gradients equal the big-batch mean
                 (loss / t.grad_accum).backward()
@@ -339,17 +338,21 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
     final = root / f"unet_sch_{step}"
     tmp = root / f"unet_sch_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unet.save_pretrained(tmp)
-    if ema is not None:
-        with ema_weights(unet, ema):
-            unet.save_pretrained(tmp / "ema")
-    noise_scheduler.save_pretrained(tmp / "scheduler")
-    save_config(cfg, tmp / "hw6_config.json")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "ema_optimization_step": ema.optimization_step if ema is not None else 0,
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
-               tmp / "training_state.pt")
+    try:
+        tmp.mkdir(parents=True)
+        unet.save_pretrained(tmp)
+        if ema is not None:
+            with ema_weights(unet, ema):
+                unet.save_pretrained(tmp / "ema")
+        noise_scheduler.save_pretrained(tmp / "scheduler")
+        save_config(cfg, tmp / "hw6_config.json")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "ema_optimization_step": ema.optimization_step if ema is not None else 0,
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
+                   tmp / "training_state.pt")
+    except OSError as err:  # e.g. a full disk: drop the partial copy, keep every complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{final}: could not write the checkpoint ({err}); earlier checkpoints are untouched") from err
     if final.exists():
         old = root / f"unet_sch_{step}.old"
         final.rename(old)
@@ -369,6 +372,21 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
     for path in list_checkpoints(root)[:-keep_last]:
         if path.resolve() not in protected:
             shutil.rmtree(path)
+
+
+def archive_previous_run(out_dir: Path) -> None:
+    """A fresh run moves an earlier run's checkpoints and loss log into ckpt_prev_<time>/ (nothing is deleted),
+    so that 'last' always means this run's newest checkpoint."""
+    previous = [p for p in (out_dir / "ckpt_last", out_dir / "loss_log.csv") if p.exists()]
+    if not previous:
+        return
+    archive = out_dir / f"ckpt_prev_{time.strftime('%Y%m%d-%H%M%S')}"
+    while archive.exists():
+        archive = archive.with_name(archive.name + "_")
+    archive.mkdir(parents=True)
+    for path in previous:
+        path.rename(archive / path.name)
+    print(f"starting fresh: the previous run's checkpoints and loss log were moved to {archive}")
 
 
 def resolve_resume(ckpt_path: str, out_dir: Path) -> Path:
@@ -422,9 +440,7 @@ def train_vae(cfg: Config, progress: bool = True) -> Path:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    if cfg.data.data_dir.rstrip("/").endswith("shapes"):
-        ensure_shapes_dataset(cfg.data.data_dir, cfg.data.shapes_frames, cfg.data.data_seed, cfg.data.image_size)
-    images = load_images(load_course_data(cfg.data.data_dir), cfg.data.image_size)
+    images = load_images(load_course_data(ensure_data(cfg)), cfg.data.image_size)
     torch.manual_seed(cfg.train.seed)
     vae = build_vae(cfg).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=v.vae_lr, weight_decay=0.0)

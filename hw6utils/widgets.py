@@ -1,0 +1,58 @@
+"""The prompt explorer of notebook 06: ipywidgets wiring around `sampling.generate_images`, nothing more."""
+from __future__ import annotations
+
+import io
+
+import ipywidgets as widgets
+
+from .sampling import LoadedModel, generate_images
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes, what `widgets.Image` shows."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It is big and sits in the middle.",
+                    guidance_scale: float = 7.5, num_inference_steps: int = 50, seed: int = 0, count: int = 4):
+    """An app to try prompts on a loaded model. Returns (app, controls).
+
+    `app` is the widget to display; `controls` maps names to its widgets (prompt, guidance_scale, steps, seed,
+    count, button, progress, gallery), so code can set values and call `controls["button"].click()`.
+    Image i uses seed + i, as `hw6 generate` does, so a picture can be reproduced from its seed.
+    """
+    controls = {
+        "prompt": widgets.Text(value=default_prompt, description="prompt", layout=widgets.Layout(width="95%")),
+        "guidance_scale": widgets.FloatSlider(value=guidance_scale, min=0.0, max=15.0, step=0.5,
+                                              description="guidance"),
+        "steps": widgets.IntSlider(value=num_inference_steps, min=1, max=200, description="DDIM steps"),
+        "seed": widgets.IntText(value=seed, description="first seed"),
+        "count": widgets.IntSlider(value=count, min=1, max=8, description="images"),
+        "button": widgets.Button(description="Generate", button_style="primary"),
+        "progress": widgets.IntProgress(value=0, min=0, max=count, description="progress"),
+        "gallery": widgets.HBox(),
+    }
+
+    def on_generate(_button):
+        c = controls
+        c["button"].disabled = True
+        c["progress"].value, c["progress"].max = 0, c["count"].value
+        c["gallery"].children = ()
+        try:
+            for i in range(c["count"].value):  # one image per call, so the bar moves after each image
+                image = generate_images(model, [c["prompt"].value], [c["seed"].value + i], c["guidance_scale"].value,
+                                        c["steps"].value, progress=False)[0]
+                shown = widgets.Image(value=png_bytes(image), format="png", width=128, height=128)
+                c["gallery"].children = c["gallery"].children + (shown,)
+                c["progress"].value = i + 1
+        finally:
+            c["button"].disabled = False
+
+    controls["button"].on_click(on_generate)
+    sliders = widgets.HBox([controls["guidance_scale"], controls["steps"]])
+    numbers = widgets.HBox([controls["seed"], controls["count"]])
+    actions = widgets.HBox([controls["button"], controls["progress"]])
+    app = widgets.VBox([controls["prompt"], sliders, numbers, actions, controls["gallery"]])
+    return app, controls
