@@ -1,0 +1,24 @@
+"""The shipped reference model (data/reference): complete, small, and good on the fixed prompt set."""
+import pytest
+
+from hw6utils.config import REFERENCE_DIR, load_config
+from hw6utils.data import shape_test_entries
+from hw6utils.evaluation import evaluate_shapes, format_scores
+from hw6utils.sampling import load_model
+
+
+def test_reference_is_complete_and_small():
+    for name in ["unet/diffusion_pytorch_model.safetensors", "unet/config.json", "vae/diffusion_pytorch_model.safetensors",
+                 "vae/config.json", "scheduler/scheduler_config.json", "hw6_config.json"]:
+        assert (REFERENCE_DIR / name).is_file(), name
+    total = sum(p.stat().st_size for p in REFERENCE_DIR.rglob("*") if p.is_file())
+    assert total <= 15 * 2**20, f"data/reference holds {total / 2**20:.1f} MB"
+    assert load_config(REFERENCE_DIR / "hw6_config.json").encoders.vae == "reference"
+
+
+@pytest.mark.slow
+def test_reference_gets_colour_and_shape_right_for_90_percent_of_the_fixed_prompts():
+    model = load_model("reference")
+    scores, _ = evaluate_shapes(model, list(shape_test_entries(0).values()), guidance_scale=7.5, num_inference_steps=50)
+    print(format_scores("reference", scores))
+    assert scores["colour_shape"] >= 0.90, scores
