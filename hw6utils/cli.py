@@ -123,7 +123,8 @@ def evaluate_stage(cfg, stage: str) -> str:
     from .sampling import load_model
     from .training import pick_device
 
-    model = load_model(stage, cfg.train.output_dir, pick_device(cfg.train.device), cfg.sample.use_ema)
+    model = load_model(stage, cfg.train.output_dir, pick_device(cfg.train.device), cfg.sample.use_ema,
+                       cfg.sample.sampler)
     entries = list(shape_test_entries(cfg.data.data_seed).values())
     start = time.time()
     scores, images = evaluate_shapes(model, entries, cfg.sample.guidance_scale, cfg.sample.num_inference_steps,

@@ -83,7 +83,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    num_inference_steps: int = _f(50, "DDIM steps")
+    sampler: str = _f("ddim", "'ddim' or 'dpmpp' (DPM-Solver++: good results in 10-25 steps)")
+    num_inference_steps: int = _f(50, "denoising steps of the sampler")
     guidance_scale: float = _f(7.5, "classifier-free guidance scale for generation")
     preview_guidance_scale: float = _f(4.0, "guidance scale of the sample grids made during training")
     eta: float = _f(0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like noise)")

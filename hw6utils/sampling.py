@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from .config import REFERENCE_DIR, Config, load_config
@@ -20,14 +20,20 @@ from .data import ensure_writable_dir, load_test_prompts
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
 
 
-def make_sampler(noise_scheduler_config: dict) -> DDIMScheduler:
-    """A DDIMScheduler with exactly the betas of training.
+def make_sampler(noise_scheduler_config: dict, kind: str = "ddim"):
+    """A sampler with exactly the betas of training: 'ddim' (DDIMScheduler) or 'dpmpp' (DPM-Solver++, fewer steps).
 
-    'leading' spacing (the first step at t = T - T/steps, e.g. 980 of 1000) rather than 'trailing' (t = 999):
-    with the cosine schedule alpha_bar_999 is ~2e-9, and the predicted x_0 = (x_t - sqrt(1 - alpha_bar) eps)
-    / sqrt(alpha_bar) would multiply any error in eps by ~20,000 on the very first step.
+    DDIM uses 'leading' spacing (the first step at t = T - T/steps, e.g. 980 of 1000) rather than 'trailing'
+    (t = 999): with the cosine schedule alpha_bar_999 is ~2e-9, and the predicted x_0 = (x_t - sqrt(1 - alpha_bar)
+    eps) / sqrt(alpha_bar) would multiply any error in eps by ~20,000 on the very first step. DPM-Solver++
+    clips lambda = log(alpha / sigma) at -5.1 for the same reason (diffusers' advice for cosine schedules).
     """
-    return DDIMScheduler.from_config(noise_scheduler_config, timestep_spacing="leading", clip_sample=False)
+    if kind == "ddim":
+        return DDIMScheduler.from_config(noise_scheduler_config, timestep_spacing="leading", clip_sample=False)
+    if kind == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler_config, algorithm_type="dpmsolver++",
+                                                       solver_order=2, lambda_min_clipped=-5.1)
+    raise ValueError(f"sampler must be 'ddim' or 'dpmpp', got {kind!r}")
 
 
 def unet_kwargs(unet, text: dict) -> dict:
@@ -67,10 +73,10 @@ def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(unet, scheduler: DDIMScheduler, vae, text: dict, null_text: dict, seeds: list, guidance_scale: float = 7.5,
+def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guidance_scale: float = 7.5,
            num_inference_steps: int = 50, eta: float = 0.0, mixed_precision: str = "no", return_steps: int = 0,
            progress: bool = False):
-    """Denoise from x_T to x_0 with DDIM + CFG and decode: images (B, 3, H, W) in [0, 1].
+    """Denoise from x_T to x_0 with the sampler (DDIM or DPM-Solver++) + CFG and decode: images (B, 3, H, W) in [0, 1].
 
     With return_steps=k > 0 also returns k decoded snapshots of the predicted x_0 along the way.
     """
@@ -84,13 +90,15 @@ def sample(unet, scheduler: DDIMScheduler, vae, text: dict, null_text: dict, see
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="DDIM", leave=False)):
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
             noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
-        out = scheduler.step(noise_pred, t, latents, eta=eta, generator=step_generator)
+        extra = {"eta": eta, "generator": step_generator} if isinstance(scheduler, DDIMScheduler) else {}
+        out = scheduler.step(noise_pred, t, latents, **extra)
         latents = out.prev_sample
-        if i in keep_at:
-            snapshots.append(decode_latents(vae, out.pred_original_sample))
+        if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
+            predicted = getattr(out, "pred_original_sample", None)
+            snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))
     images = decode_latents(vae, latents)
     return (images, snapshots) if return_steps else images
 
@@ -130,7 +138,7 @@ class LoadedModel:
     """Everything sampling needs, loaded from one checkpoint folder."""
     cfg: Config
     unet: UNet2DConditionModel
-    scheduler: DDIMScheduler
+    scheduler: object            # the sampler (DDIM or DPM-Solver++)
     vae: object
     tokenizer: object
     text_model: object
@@ -140,7 +148,8 @@ class LoadedModel:
         return encode_text(self.tokenizer, self.text_model, prompts, self.cfg.encoders.max_text_len)
 
 
-def load_model(stage: str = "reference", output_dir: str = "outputs", device="cpu", use_ema: bool = True) -> LoadedModel:
+def load_model(stage: str = "reference", output_dir: str = "outputs", device="cpu", use_ema: bool = True,
+               sampler: str = "ddim") -> LoadedModel:
     """Load a checkpoint (UNet, or its EMA copy), its noise schedule, and the encoders it was trained with."""
     path = resolve_checkpoint(stage, output_dir)
     cfg = load_config(path / "hw6_config.json")
@@ -151,7 +160,7 @@ def load_model(stage: str = "reference", output_dir: str = "outputs", device="cp
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
     vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
-    return LoadedModel(cfg, unet, make_sampler(scheduler_config), vae, tokenizer, text_model, path)
+    return LoadedModel(cfg, unet, make_sampler(scheduler_config, sampler), vae, tokenizer, text_model, path)
 
 
 def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_scale: float = 7.5,
@@ -174,9 +183,10 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
     s = cfg.sample
     test_json = Path(s.test_json or Path(cfg.data.data_dir) / "test.json")
     entries = load_test_prompts(test_json)
-    model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema)
+    model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema, s.sampler)
     stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
-    out = ensure_writable_dir(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}")
+    suffix = "" if s.sampler == "ddim" else f"_{s.sampler}"
+    out = ensure_writable_dir(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}{suffix}")
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]
     start = time.time()
     images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],

@@ -79,3 +79,15 @@ def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
     generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
     assert (out / "1_main.png").stat().st_mtime_ns == before  # existing images are kept (resumable)
     assert load_model("last", cfg.train.output_dir).cfg.train.noise_schedule == "squaredcos_cap_v2"
+
+
+def test_dpm_solver_uses_the_training_schedule_and_samples(parts):
+    cfg, unet, vae, encode = parts
+    ddpm = make_noise_scheduler(cfg)
+    solver = make_sampler(ddpm.config, "dpmpp")
+    assert torch.equal(solver.betas, ddpm.betas) and solver.config.algorithm_type == "dpmsolver++"
+    text, null = encode(["A red circle."]), encode([""])
+    first = sample(unet, solver, vae, text, null, [3], 4.0, 5)
+    assert first.shape == (1, 3, 64, 64) and torch.equal(first, sample(unet, solver, vae, text, null, [3], 4.0, 5))
+    with pytest.raises(ValueError, match="sampler must be 'ddim' or 'dpmpp', got 'euler'"):
+        make_sampler(ddpm.config, "euler")
