@@ -165,8 +165,12 @@ def ensure_writable_dir(path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- images
-def load_image(path, size: int) -> torch.Tensor:
-    """One image as a (3, size, size) float tensor in [-1, 1]; transparency goes over white."""
+def load_image(path, size: int, prep: str = "stretch") -> torch.Tensor:
+    """One image as a (3, size, size) float tensor in [-1, 1]; transparency goes over white.
+
+    prep: 'stretch' resizes the whole image to a square (the course's way); 'center' first crops a square
+    around the non-white pixels, padded with white, so the sprite fills the frame whatever its native size.
+    """
     try:
         with Image.open(path) as img:
             img.load()
@@ -177,36 +181,53 @@ def load_image(path, size: int) -> torch.Tensor:
             img = img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path}: unreadable or corrupt image ({err})") from None
+    if prep == "center":
+        img = center_on_content(img)
+    elif prep != "stretch":
+        raise ValueError(f"image_prep must be 'stretch' or 'center', got {prep!r}")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def center_on_content(img: Image.Image, white: int = 245) -> Image.Image:
+    """The smallest square around the pixels darker than `white`, centred, padded with white."""
+    mask = (np.asarray(img) < white).any(axis=2)
+    if not mask.any():
+        return img
+    ys, xs = np.nonzero(mask)
+    left, top, right, bottom = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    side = max(right - left, bottom - top)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(img.crop((left, top, right, bottom)), ((side - (right - left)) // 2, (side - (bottom - top)) // 2))
+    return square
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """(image in [-1, 1], caption) pairs; the caption is drawn afresh among the key's options each time."""
 
-    def __init__(self, data: CourseData, image_size: int, flip: bool = False, seed: int = 0):
-        self.data, self.image_size, self.flip = data, image_size, flip
+    def __init__(self, data: CourseData, image_size: int, flip: bool = False, seed: int = 0, prep: str = "stretch"):
+        self.data, self.image_size, self.flip, self.prep = data, image_size, flip, prep
         self.rng = random.Random(seed)
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, index):
-        image = load_image(self.data.image_paths[index], self.image_size)
+        image = load_image(self.data.image_paths[index], self.image_size, self.prep)
         if self.flip and self.rng.random() < 0.5:
             image = image.flip(-1)
         caption = self.rng.choice(self.data.captions[self.data.image_keys[index]])
         return image, caption
 
 
-def load_images(data: CourseData, image_size: int) -> torch.Tensor:
+def load_images(data: CourseData, image_size: int, prep: str = "stretch") -> torch.Tensor:
     """All training images as one (N, 3, H, W) tensor; corrupt files are skipped with one warning each."""
     images, keep = [], []
     for i, path in enumerate(data.image_paths):
         try:
-            images.append(load_image(path, image_size))
+            images.append(load_image(path, image_size, prep))
             keep.append(i)
         except ValueError as err:
             warnings.warn(f"{err}; skipped", stacklevel=2)

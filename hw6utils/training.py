@@ -72,7 +72,7 @@ def prepare_data(cfg: Config, device):
     out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
            "null_text": encode([""])}
     if not cfg.train.cache_latents:
-        dataset = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed)
+        dataset = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed, cfg.data.image_prep)
         out["loader"] = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
                                                     drop_last=True, num_workers=2 if device.type == "cuda" else 0)
         return out
@@ -101,13 +101,13 @@ def cache_latents(data, vae, cfg: Config):
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in all_paths]
     vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     key = json.dumps([files, cfg.encoders.vae, cfg.encoders.vae_subfolder, vae_config, cfg.data.image_size,
-                      cfg.data.flip], sort_keys=True, default=str)
+                      cfg.data.flip, cfg.data.image_prep], sort_keys=True, default=str)
     path = Path(cfg.train.output_dir) / "cache" / f"latents_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         saved = load_file(path)
         kept = saved["kept"].tolist()
     else:
-        images = load_images(data, cfg.data.image_size)  # drops unreadable files from data, with a warning each
+        images = load_images(data, cfg.data.image_size, cfg.data.image_prep)  # drops unreadable files, warning each
         readable = set(data.image_paths)
         kept = [i for i, p in enumerate(all_paths) if p in readable]
         views = [images, images.flip(-1)] if cfg.data.flip else [images]  # cache both orientations for flips
@@ -440,7 +440,7 @@ def train_vae(cfg: Config, progress: bool = True) -> Path:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    images = load_images(load_course_data(ensure_data(cfg)), cfg.data.image_size)
+    images = load_images(load_course_data(ensure_data(cfg)), cfg.data.image_size, cfg.data.image_prep)
     torch.manual_seed(cfg.train.seed)
     vae = build_vae(cfg).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=v.vae_lr, weight_decay=0.0)

@@ -140,3 +140,16 @@ def test_a_plain_caption_mapping_is_accepted(tmp_path):
     (root / "captions.json").write_text(json.dumps({"a.png": "A blue tile.", "b.png": ["A red tile.", "Red."]}))
     data = load_course_data(root)
     assert len(data) == 2 and data.captions["b.png"] == ["A red tile.", "Red."]
+
+
+def test_center_prep_crops_a_square_around_the_sprite(tmp_path):
+    img = Image.new("RGB", (100, 60), (255, 255, 255))
+    img.paste(Image.new("RGB", (10, 20), (0, 0, 0)), (70, 30))  # a 10x20 black sprite off to the side
+    img.save(tmp_path / "s.png")
+    centred = load_image(tmp_path / "s.png", 20, prep="center")
+    dark = (centred < 0).all(dim=0)
+    assert dark[:, 5:15].all() and not dark[:, :4].any() and not dark[:, 16:].any()  # centred, full height
+    stretched = load_image(tmp_path / "s.png", 20, prep="stretch")
+    assert not (stretched < 0).all(dim=0)[:, 5:10].any()  # stretch keeps the sprite where it was
+    with pytest.raises(ValueError, match="image_prep must be 'stretch' or 'center', got 'zoom'"):
+        load_image(tmp_path / "s.png", 20, prep="zoom")

@@ -29,3 +29,11 @@ def test_small_presets_build_and_run(name):
 def test_cross_attention_dim_must_match_the_text_encoder():
     with pytest.raises(ValueError, match="cross_attention_dim is 384 but the text encoder 'minilm' has hidden size 512"):
         build_unet(get_preset("tiny"), text_hidden_size=512)
+
+
+def test_hw6_plus_keeps_the_course_encoders_and_builds():
+    cfg = get_preset("hw6_plus")
+    assert cfg.preset == "hw6_plus" and cfg.encoders == get_preset("hw6").encoders
+    assert (cfg.data.image_size, cfg.data.image_prep, cfg.sample.sampler) == (256, "center", "dpmpp")
+    unet = build_unet(cfg, text_hidden_size=512)
+    assert unet.config.block_out_channels == (192, 384, 768)
