@@ -170,7 +170,6 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
         archive_previous_run(out_dir)
     if "loader" in prepared:
         prepared["batches"] = _forever(prepared["loader"])
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     effective_batch = t.batch_size * t.grad_accum
     print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
           f"effective batch {t.batch_size} x {t.grad_accum} = {effective_batch}, steps {start_step} -> {t.max_steps}, "
