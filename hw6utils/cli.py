@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     nbs.add_argument("--out_dir", default="outputs/notebooks", help="executed copies [outputs/notebooks]")
     nbs.add_argument("--cwd", default="notebooks", help="folder of the notebooks [notebooks]")
     nbs.add_argument("--timeout", type=float, default=None, help="seconds per cell [no limit]")
+    score = sub.add_parser("score", help="FID, CLIP-T and CLIP-I of a folder of PNGs, as the course scored them")
+    score.add_argument("images", help="folder with one 256x256 PNG per test.json entry")
+    score.add_argument("--test-json", required=True, help="the course's test.json")
+    score.add_argument("--stats", required=True, help="folder with test_mu.npy and test_sigma.npy")
+    score.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
+    score.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
+    score.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP hub id or local folder")
+    score.add_argument("--out", default=None, help="JSON of the scores [<images>_scores.json]")
+    stats = sub.add_parser("stats", help="write test_mu.npy/test_sigma.npy of a folder of images (FID reference)")
+    stats.add_argument("images", help="folder of PNGs")
+    stats.add_argument("--out", required=True, help="destination folder")
+    stats.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -72,7 +84,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, OSError, FloatingPointError, RuntimeError) as err:
+    except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as err:
         print(f"hw6 {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -94,6 +106,15 @@ def run(args) -> int:
         parameters = load_parameters(args.parameters_file)
         parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
         run_notebooks(args.names or None, parameters, args.out_dir, args.cwd, args.timeout)
+        return 0
+    if args.command in ("score", "stats"):
+        from . import scoring
+        extractor = scoring.load_inception(args.inception)
+        if args.command == "score":
+            scoring.score(args.images, args.test_json, args.stats, args.reference, extractor, args.clip, args.out)
+        else:
+            paths = sorted(Path(args.images).glob("*.png"))
+            print(f"wrote {scoring.save_stats(args.out, *scoring.compute_stats(paths, extractor))}")
         return 0
     cfg = config_from_args(args)
     if args.command == "train-vae":

@@ -30,3 +30,11 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_data_shapes_command(tmp_path):
     assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--frames", "1"]) == 0
     assert len(list((tmp_path / "s" / "train").iterdir())) == 200
+
+
+def test_score_without_torchvision_or_weights_is_one_clear_line(tmp_path, capsys):
+    code = main(["score", str(tmp_path), "--test-json", str(tmp_path / "test.json"), "--stats", str(tmp_path),
+                 "--inception", str(tmp_path / "inception.pth")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "inception.pth: Inception weights not found" in err

@@ -1,0 +1,265 @@
+"""The course's scorer, reproduced: submission check, FID against the handed-out statistics, CLIP-T and CLIP-I.
+
+What the course scorer did (NOTES.md, "The real course data and its scoring"): FID from torchvision's ImageNet
+`inception_v3` with `fc` replaced by identity (2048-d pooled features), images resized to 299x299 and normalised with
+mean 0.5 / std 0.5, against `test_mu.npy` / `test_sigma.npy`, Frechet distance with `scipy.linalg.sqrtm` (real part);
+CLIP-T = mean cosine between each image's and its prompt's L2-normalised CLIP ViT-B/32 embeddings; CLIP-I = mean
+cosine between each image and the hidden ground-truth image of the same name. It accepted exactly one 256x256 PNG
+per test.json entry, matched by `image_name`. The leaderboard ranked by FID alone (lower is better).
+
+torchvision is optional here (it does not install beside the CPU torch), so it is imported only by `load_inception`;
+CLIP runs through transformers' `CLIPModel` (`openai/clip-vit-base-patch32` holds the same weights as open_clip's
+`ViT-B-32-quickgelu`/`openai`).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from transformers import CLIPModel, CLIPProcessor
+
+from .data import load_test_prompts
+
+SUBMISSION_SIZE = (256, 256)       # every submitted PNG is 256x256
+INCEPTION_SIZE = 299               # Inception v3's input side
+STATS_FILES = ("test_mu.npy", "test_sigma.npy")
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"   # torchvision's IMAGENET1K_V1 weights for inception_v3
+INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), the course's formula (Heusel et al. 2017, eq. 6).
+
+    d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), with `scipy.linalg.sqrtm` keeping only the
+    real part: rounding gives the square root of the (PSD-similar) product tiny imaginary parts.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape} "
+                         "(were both made with the same feature extractor?)")
+    covmean = linalg.sqrtm(sigma1 @ sigma2).real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------------------------- FID features
+def _open_rgb(image) -> Image.Image:
+    """A PIL image or a path, as RGB (like the course scorer's `convert("RGB")`, which drops any alpha)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as img:
+        return img.convert("RGB")
+
+
+def _inception_input(image) -> torch.Tensor:
+    """(3, 299, 299) in [-1, 1]: bilinear resize (what torchvision's Resize does to a PIL image), then Normalize(0.5, 0.5)."""
+    img = _open_rgb(image).resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BILINEAR)
+    pixels = torch.from_numpy(np.array(img, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W) in [0, 1]
+    return (pixels - 0.5) / 0.5
+
+
+@torch.no_grad()
+def inception_features(images, extractor, batch_size: int = 32, device="cpu") -> np.ndarray:
+    """(N, D) float64 features of `images` (paths or PIL images) from `extractor`, a module (B, 3, 299, 299) -> (B, D)."""
+    extractor.eval()
+    features = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([_inception_input(image) for image in images[start:start + batch_size]]).to(device)
+        out = extractor(batch)
+        if out.ndim != 2:
+            raise ValueError(f"the feature extractor must return (B, D) features, got shape {tuple(out.shape)}")
+        features.append(out.double().cpu())
+    return torch.cat(features).numpy()
+
+
+def load_inception(weights_path=None) -> torch.nn.Module:
+    """The course's FID network: torchvision `inception_v3` (ImageNet IMAGENET1K_V1 weights) with `fc` = identity.
+
+    `weights_path` is a local copy of torchvision's weight file; without it torchvision downloads the weights into its
+    cache. torchvision is optional (`pip install .[score]`) and imported only here.
+    """
+    where = (f"download {INCEPTION_URL} on a machine with internet and put it at {weights_path}" if weights_path
+             else f"download {INCEPTION_URL} and pass its path, or put it in torch's cache "
+                  f"({Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_FILE})")
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise FileNotFoundError(f"{weights_path}: Inception weights not found. FID needs torchvision's {INCEPTION_FILE}: {where}")
+    try:
+        from torchvision.models import inception_v3
+    except (ImportError, RuntimeError) as err:   # a torchvision built for another torch fails with RuntimeError
+        raise ImportError(f"FID needs torchvision, which did not import ({err}); install it with `pip install .[score]` "
+                          "(a torchvision build that matches your torch)") from err
+    # transform_input=False as in the course: the images are already normalised with mean 0.5 / std 0.5
+    if weights_path is None:
+        try:
+            model = inception_v3(weights="IMAGENET1K_V1", aux_logits=True, init_weights=False, transform_input=False)
+        except OSError as err:   # offline: the download fails with a URLError
+            raise FileNotFoundError(f"could not download the Inception weights ({err}); {where}") from err
+    else:
+        model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    model.fc = torch.nn.Identity()   # keep the 2048-d pooled features instead of the 1000 ImageNet logits
+    return model.eval()
+
+
+def compute_stats(image_paths, extractor, batch_size: int = 32, device="cpu") -> tuple:
+    """(mu, sigma): mean (D,) and covariance (D, D) of the extractor's features over the images."""
+    if len(image_paths) < 2:
+        raise ValueError(f"FID statistics need at least 2 images, got {len(image_paths)}")
+    features = inception_features(image_paths, extractor, batch_size, device)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def save_stats(out_dir, mu, sigma) -> Path:
+    """Write `test_mu.npy` and `test_sigma.npy` (the course's file names) into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / STATS_FILES[0], np.asarray(mu))
+    np.save(out_dir / STATS_FILES[1], np.asarray(sigma))
+    return out_dir
+
+
+def load_stats(stats_dir) -> tuple:
+    """(mu, sigma) from `test_mu.npy` / `test_sigma.npy` in stats_dir."""
+    stats_dir = Path(stats_dir)
+    for name in STATS_FILES:
+        if not (stats_dir / name).is_file():
+            raise FileNotFoundError(f"{stats_dir / name}: FID reference statistics not found; put the course's "
+                                    f"{' and '.join(STATS_FILES)} (handed out with test.json) in {stats_dir}, "
+                                    "or make your own with compute_stats and save_stats")
+    return np.load(stats_dir / STATS_FILES[0]), np.load(stats_dir / STATS_FILES[1])
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+def load_clip(name_or_path: str = DEFAULT_CLIP, device="cpu") -> tuple:
+    """(model, processor): a transformers CLIPModel and CLIPProcessor from a hub id or a local folder."""
+    try:
+        model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(name_or_path)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"CLIP weights not found at {str(name_or_path)!r} ({str(err).splitlines()[0]}). CLIP-T and CLIP-I need "
+            f"{DEFAULT_CLIP} (config, weights, tokenizer and preprocessor files): on a machine with internet run "
+            f"`hf download {DEFAULT_CLIP} --local-dir data/clip-vit-base-patch32` and pass that folder") from err
+    return model, processor
+
+
+@torch.no_grad()
+def _image_embeddings(images, model, processor, batch_size: int) -> torch.Tensor:
+    """(N, projection_dim) L2-normalised CLIP image embeddings of paths or PIL images."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = [_open_rgb(image) for image in images[start:start + batch_size]]
+        pixel_values = processor(images=batch, return_tensors="pt").pixel_values.to(model.device)
+        # transformers 5 returns a model output; its pooler_output is the projected embedding
+        chunks.append(model.get_image_features(pixel_values=pixel_values).pooler_output.float().cpu())
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+@torch.no_grad()
+def _text_embeddings(prompts, model, processor, batch_size: int) -> torch.Tensor:
+    """(N, projection_dim) L2-normalised CLIP text embeddings; prompts past CLIP's 77 tokens are truncated."""
+    max_length = model.config.text_config.max_position_embeddings
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = processor(text=list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                           truncation=True, max_length=max_length).to(model.device)
+        chunks.append(model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+                      .pooler_output.float().cpu())
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def clip_t(images, prompts, model, processor, batch_size: int = 32) -> float:
+    """CLIP-T: mean cosine between each image's and its prompt's L2-normalised CLIP embeddings."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"clip_t needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+    image_emb = _image_embeddings(images, model, processor, batch_size)
+    text_emb = _text_embeddings(prompts, model, processor, batch_size)
+    return float((image_emb * text_emb).sum(dim=-1).mean())
+
+
+def clip_i(images, reference_images, model, processor, batch_size: int = 32) -> float:
+    """CLIP-I: mean cosine between the CLIP image embeddings of each image and its reference (same-named) image."""
+    if len(images) != len(reference_images) or not images:
+        raise ValueError(f"clip_i needs one reference per image, got {len(images)} images and {len(reference_images)} references")
+    image_emb = _image_embeddings(images, model, processor, batch_size)
+    reference_emb = _image_embeddings(reference_images, model, processor, batch_size)
+    return float((image_emb * reference_emb).sum(dim=-1).mean())
+
+
+# ----------------------------------------------------------------------------------------------- submission
+def check_submission(images_dir, test_json) -> list:
+    """Problems that would make the course reject the folder: exactly one 256x256 PNG per test.json `image_name`.
+
+    Returns one line per missing, extra, unreadable, non-PNG or wrongly sized file; an empty list when all is well.
+    """
+    images_dir = Path(images_dir)
+    names = [name for name, _, _ in load_test_prompts(test_json)]
+    if not images_dir.is_dir():
+        return [f"{images_dir}: not a folder"]
+    problems = [f"duplicate: test.json names {name} {count} times" for name, count in Counter(names).items() if count > 1]
+    expected = set(names)
+    present = {path.name for path in images_dir.iterdir()}
+    problems += [f"missing: {name}" for name in sorted(expected - present)]
+    problems += [f"extra: {name} (not in test.json)" for name in sorted(present - expected)]
+    for name in sorted(expected & present):
+        try:
+            with Image.open(images_dir / name) as img:
+                img.load()   # decode it all, so a truncated file counts as unreadable
+                found_format, size = img.format, img.size
+        except (OSError, SyntaxError) as err:   # PIL raises SyntaxError for some broken PNG chunks
+            problems.append(f"unreadable: {name} ({err})")
+            continue
+        if found_format != "PNG":
+            problems.append(f"not a PNG: {name} is {found_format}")
+        elif size != SUBMISSION_SIZE:
+            problems.append(f"wrong size: {name} is {size[0]}x{size[1]}, expected {SUBMISSION_SIZE[0]}x{SUBMISSION_SIZE[1]}")
+    return problems
+
+
+def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, clip_model: str = DEFAULT_CLIP,
+          out_json=None, batch_size: int = 32, device="cpu") -> dict:
+    """FID, CLIP-T and (with reference_dir, the ground-truth images) CLIP-I of a submission folder, as the course scored it.
+
+    extractor: the FID network (default `load_inception()`, which downloads torchvision's weights); clip_model: a hub
+    id or local folder. The figures are printed and saved as JSON to out_json (default `<images_dir>_scores.json`,
+    beside the folder so it does not become an extra file in it).
+    """
+    images_dir = Path(images_dir).resolve()
+    problems = check_submission(images_dir, test_json)
+    if problems:
+        raise ValueError(f"{images_dir}: not scored, {len(problems)} problem(s):\n" + "\n".join(problems))
+    entries = load_test_prompts(test_json)
+    image_paths = [images_dir / name for name, _, _ in entries]
+    prompts = [prompt for _, prompt, _ in entries]
+    reference_paths = None
+    if reference_dir is not None:
+        reference_paths = [Path(reference_dir) / name for name, _, _ in entries]
+        missing = [path.name for path in reference_paths if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{reference_dir}: {len(missing)} reference image(s) missing for CLIP-I: {', '.join(missing)}")
+
+    # load everything before the slow part, so a missing file fails in seconds
+    mu_ref, sigma_ref = load_stats(stats_dir)
+    extractor = (load_inception() if extractor is None else extractor).to(device)
+    model, processor = load_clip(clip_model, device)
+
+    mu, sigma = compute_stats(image_paths, extractor, batch_size, device)
+    scores = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
+              "clip_t": clip_t(image_paths, prompts, model, processor, batch_size)}
+    if reference_paths is not None:
+        scores["clip_i"] = clip_i(image_paths, reference_paths, model, processor, batch_size)
+    scores["num_images"] = len(image_paths)
+
+    print(" ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}" for key, value in scores.items()))
+    out_json = Path(out_json) if out_json is not None else images_dir.with_name(images_dir.name + "_scores.json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    return scores
