@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--frames", type=int, default=50, help="jittered frames per object-action [50]")
     shapes.add_argument("--seed", type=int, default=0, help="seed [0]")
     shapes.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
+    check = data_sub.add_parser("check", help="counts, problems and caption lengths of a course-format folder")
+    check.add_argument("dir", help="course-format folder (train/, train_info.json, test.json)")
+    check.add_argument("--text_encoder", default="openai/clip-vit-base-patch32",
+                       help="tokenizer whose limit is checked (hub id, local path or 'minilm')")
+    check.add_argument("--max_text_len", type=int, default=77, help="token limit [77, CLIP's]")
     emoji = data_sub.add_parser("emoji", help="emoji rendered from Debian's fonts-noto-color-emoji, CLDR names as captions")
     emoji.add_argument("--out", default="data/emoji", help="destination folder [data/emoji]")
     emoji.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
@@ -93,6 +98,17 @@ def run(args) -> int:
     from . import data as data_mod
 
     if args.command == "data":
+        if args.dataset == "check":
+            from transformers import AutoTokenizer
+
+            from .encoders import resolve_text_encoder
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
+            except OSError as err:
+                raise FileNotFoundError(f"{args.text_encoder}: tokenizer not found ({str(err).splitlines()[0]}); "
+                                        "pass --text_encoder minilm or a local folder") from None
+            print(json.dumps(data_mod.check_course_data(args.dir, tokenizer, args.max_text_len), indent=1))
+            return 0
         if args.dataset == "shapes":
             out = data_mod.build_shapes_dataset(args.out, args.frames, args.seed, args.image_size)
         else:

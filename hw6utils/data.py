@@ -133,6 +133,31 @@ def _finish(data: CourseData) -> CourseData:
     return data
 
 
+def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77) -> dict:
+    """What `hw6 data check` prints: counts (monsters, keys, images, images per action family), every problem
+    found while reading, and how many captions and test prompts are longer than the text encoder's limit."""
+    root = Path(data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_course_data(root)
+    families: dict = {}
+    for key in data.image_keys:
+        family = re.sub(r"\d+$", "", key.split("_", 1)[1])  # attack12 -> attack, die2 -> die
+        families[family] = families.get(family, 0) + 1
+    report = {"monsters": len({k.split("_", 1)[0] for k in data.captions}), "keys": len(data.captions),
+              "images": len(data), "images_per_action_family": dict(sorted(families.items())),
+              "problems": [str(w.message) for w in caught]}
+    captions = sorted({c for options in data.captions.values() for c in options})
+    prompts = [p for _, p, _ in load_test_prompts(root / "test.json")] if (root / "test.json").exists() else []
+    report.update(captions=len(captions), test_prompts=len(prompts))
+    if tokenizer is not None:
+        def too_long(texts):
+            return sum(len(ids) > max_text_len for ids in tokenizer(texts).input_ids) if texts else 0
+        report.update(max_text_len=max_text_len, captions_truncated=too_long(captions),
+                      test_prompts_truncated=too_long(prompts))
+    return report
+
+
 def load_test_prompts(path) -> list:
     """[(image_name, text_prompt, entry)] from a course test.json, validated."""
     path = Path(path)
