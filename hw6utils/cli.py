@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("images", help="folder of PNGs")
     stats.add_argument("--out", required=True, help="destination folder")
     stats.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
+    pack = sub.add_parser("package", help="check the images as the scorer will and write the course zip hw6_<ID>.zip")
+    pack.add_argument("--student-id", required=True, help="your student id (letters, digits, '-', '_')")
+    pack.add_argument("--images", required=True, help="folder with one 256x256 PNG per test.json entry")
+    pack.add_argument("--test-json", required=True, help="the course's test.json")
+    pack.add_argument("--report", default=None, help="your report (PDF), added at the top of the zip")
+    pack.add_argument("--model-note", default="", help="where the trained model lives (a link), written to MODEL.md")
+    pack.add_argument("--out", default=".", help="folder for the zip [.]")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -122,6 +129,10 @@ def run(args) -> int:
         parameters = load_parameters(args.parameters_file)
         parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
         run_notebooks(args.names or None, parameters, args.out_dir, args.cwd, args.timeout)
+        return 0
+    if args.command == "package":
+        from .scoring import package_submission
+        print(f"wrote {package_submission(args.student_id, args.images, args.test_json, args.out, args.report, args.model_note)}")
         return 0
     if args.command in ("score", "stats"):
         from . import scoring

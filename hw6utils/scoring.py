@@ -263,3 +263,34 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
     return scores
+
+
+def package_submission(student_id: str, images_dir, test_json, out_dir=".", report=None, model_note: str = "",
+                       code_root=None) -> Path:
+    """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: the code, `results/` (the PNGs), `MODEL.md`
+    (where the model lives) and the report if given. Refuses, listing every problem, if the images would be
+    rejected by the scorer."""
+    import zipfile
+
+    if not student_id or not str(student_id).replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"student id must be letters, digits, '-' or '_', got {student_id!r}")
+    problems = check_submission(images_dir, test_json)
+    if problems:
+        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s):\n" + "\n".join(problems))
+    code_root = Path(code_root) if code_root else Path(__file__).resolve().parent.parent
+    top = f"hw6_{student_id}"
+    out = Path(out_dir) / f"{top}.zip"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for pattern in ("hw6utils/*.py", "notebooks/*.ipynb", "README.md", "pyproject.toml", "Makefile", "environment.yml"):
+            for path in sorted(code_root.glob(pattern)):
+                archive.write(path, f"{top}/code/{path.relative_to(code_root)}")
+        for name, _, _ in load_test_prompts(test_json):
+            archive.write(Path(images_dir) / name, f"{top}/results/{name}")
+        archive.writestr(f"{top}/MODEL.md", "# Model\n\n" + (model_note or "The trained checkpoint is not included; "
+                                                                        "see the code's README to retrain it.") + "\n")
+        if report is not None:
+            archive.write(report, f"{top}/{Path(report).name}")
+    tmp.replace(out)
+    return out

@@ -161,3 +161,26 @@ def test_load_inception_gives_2048_pooled_features(tmp_path):
     model = load_inception(weights)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 299, 299)).shape == (2, 2048)
+
+
+def test_package_writes_the_course_zip_and_refuses_bad_folders(tmp_path):
+    import zipfile
+
+    from hw6utils.cli import main
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps({"0": {"text_prompt": "a", "image_name": "0_main.png"},
+                                     "1": {"text_prompt": "b", "image_name": "1_hit.png"}}))
+    images = tmp_path / "png"
+    images.mkdir()
+    Image.new("RGB", (256, 256), "white").save(images / "0_main.png")
+    assert main(["package", "--student-id", "b12345", "--images", str(images), "--test-json", str(test_json),
+                 "--out", str(tmp_path)]) == 2  # 1_hit.png is missing
+    assert not (tmp_path / "hw6_b12345.zip").exists()
+    Image.new("RGB", (256, 256), "white").save(images / "1_hit.png")
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4")
+    assert main(["package", "--student-id", "b12345", "--images", str(images), "--test-json", str(test_json),
+                 "--out", str(tmp_path), "--report", str(tmp_path / "report.pdf"), "--model-note", "https://x/y"]) == 0
+    names = zipfile.ZipFile(tmp_path / "hw6_b12345.zip").namelist()
+    assert {"hw6_b12345/results/0_main.png", "hw6_b12345/results/1_hit.png", "hw6_b12345/MODEL.md",
+            "hw6_b12345/report.pdf", "hw6_b12345/code/hw6utils/training.py"} <= set(names)
+    assert any(n.startswith("hw6_b12345/code/notebooks/") for n in names)
