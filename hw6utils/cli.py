@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--report", default=None, help="your report (PDF), added at the top of the zip")
     pack.add_argument("--model-note", default="", help="where the trained model lives (a link), written to MODEL.md")
     pack.add_argument("--out", default=".", help="folder for the zip [.]")
+    grade = sub.add_parser("grade", help="rerun each submission's notebooks, score its results/, rank by FID")
+    grade.add_argument("submissions", help="folder of submission folders (e.g. unzipped hw6_<ID>/)")
+    grade.add_argument("--out", default="grades.csv", help="CSV of the rows; leaderboard .md/.html beside it [grades.csv]")
+    grade.add_argument("--test-json", required=True, help="the course's test.json")
+    grade.add_argument("--stats", required=True, help="folder with test_mu.npy and test_sigma.npy")
+    grade.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
+    grade.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
+    grade.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP hub id or local folder")
+    grade.add_argument("-f", "--parameters_file", help="YAML file of notebook parameters injected into every submission")
+    grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                       help="one notebook parameter, its value read as YAML")
+    grade.add_argument("--timeout", type=float, default=600, help="seconds per notebook cell [600]")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -123,12 +135,14 @@ def run(args) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "run-notebooks":
-        import yaml
-
-        from .notebooks import load_parameters, run_notebooks
-        parameters = load_parameters(args.parameters_file)
-        parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
-        run_notebooks(args.names or None, parameters, args.out_dir, args.cwd, args.timeout)
+        from .notebooks import run_notebooks
+        run_notebooks(args.names or None, notebook_parameters(args), args.out_dir, args.cwd, args.timeout)
+        return 0
+    if args.command == "grade":
+        from .grading import grade
+        from .scoring import load_inception
+        grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
+              args.reference, notebook_parameters(args), args.timeout)
         return 0
     if args.command == "package":
         from .scoring import package_submission
@@ -162,6 +176,16 @@ def run(args) -> int:
     elif args.command == "demo":
         demo(cfg)
     return 0
+
+
+def notebook_parameters(args) -> dict:
+    """Notebook parameters from -f FILE (YAML) and -p NAME VALUE (values read as YAML), the latter winning."""
+    import yaml
+
+    from .notebooks import load_parameters
+    parameters = load_parameters(args.parameters_file)
+    parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
+    return parameters
 
 
 def evaluate_stage(cfg, stage: str) -> str:
