@@ -157,13 +157,15 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
 
 
 def _tiny() -> Config:
-    return Config(preset="tiny")
+    # In the same time on 2 cores, 3,000 steps of batch 32 beat 1,500 of batch 64 (76% vs 61% colour+shape at
+    # guidance 5); 2,800 fit make demo's 15 minutes. Guidance 5 beats 7.5 on the shapes prompts (76% vs 65%).
+    return apply_overrides(Config(preset="tiny"), batch_size=32, max_steps=2800, guidance_scale=5.0)
 
 
 def _reference() -> Config:
-    # The shipped model: the tiny recipe trained longer, at a slightly lower peak learning rate.
-    return apply_overrides(Config(preset="reference"), max_steps=5000, lr=1e-3, ema_decay=0.998, save_freq=500, eval_freq=1000,
-                           output_dir="outputs/reference")
+    # The shipped model: the tiny model and schedule at batch 64 for 5,000 steps, peak lr 1e-3, EMA 0.998.
+    return apply_overrides(Config(preset="reference"), max_steps=5000, lr=1e-3, ema_decay=0.998, save_freq=500,
+                           eval_freq=1000, guidance_scale=5.0, output_dir="outputs/reference")
 
 
 def _smoke() -> Config:
