@@ -75,10 +75,11 @@ def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
 @torch.no_grad()
 def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guidance_scale: float = 7.5,
            num_inference_steps: int = 50, eta: float = 0.0, mixed_precision: str = "no", return_steps: int = 0,
-           progress: bool = False):
+           progress: bool = False, callback=None):
     """Denoise from x_T to x_0 with the sampler (DDIM or DPM-Solver++) + CFG and decode: images (B, 3, H, W) in [0, 1].
 
     With return_steps=k > 0 also returns k decoded snapshots of the predicted x_0 along the way.
+    callback(step, total), if given, is called after every denoising step (e.g. to move a progress bar).
     """
     device = unet.device
     channels, size = unet.config.in_channels, unet.config.sample_size
@@ -96,6 +97,8 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
         extra = {"eta": eta, "generator": step_generator} if isinstance(scheduler, DDIMScheduler) else {}
         out = scheduler.step(noise_pred, t, latents, **extra)
         latents = out.prev_sample
+        if callback is not None:
+            callback(i + 1, len(scheduler.timesteps))
         if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
             predicted = getattr(out, "pred_original_sample", None)
             snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))
@@ -164,8 +167,9 @@ def load_model(stage: str = "reference", output_dir: str = "outputs", device="cp
 
 
 def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_scale: float = 7.5,
-                    num_inference_steps: int = 50, eta: float = 0.0, batch_size: int = 32, progress: bool = True) -> list:
-    """Prompts -> PIL images, in batches; image i uses seeds[i]."""
+                    num_inference_steps: int = 50, eta: float = 0.0, batch_size: int = 32, progress: bool = True,
+                    callback=None) -> list:
+    """Prompts -> PIL images, in batches; image i uses seeds[i]. callback(step, total) runs after each step."""
     null_text = model.encode([""])
     images = []
     batches = range(0, len(prompts), batch_size)
@@ -173,7 +177,8 @@ def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_sca
         chunk = prompts[start:start + batch_size]
         batch = sample(model.unet, model.scheduler, model.vae, model.encode(chunk), null_text,
                        seeds[start:start + batch_size], guidance_scale, num_inference_steps, eta,
-                       model.cfg.train.mixed_precision if model.unet.device.type == "cuda" else "no")
+                       model.cfg.train.mixed_precision if model.unet.device.type == "cuda" else "no",
+                       callback=callback)
         images.extend(to_pil(batch))
     return images
 

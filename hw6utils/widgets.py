@@ -31,22 +31,26 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
         "seed": widgets.IntText(value=seed, description="first seed"),
         "count": widgets.IntSlider(value=count, min=1, max=8, description="images"),
         "button": widgets.Button(description="Generate", button_style="primary"),
-        "progress": widgets.IntProgress(value=0, min=0, max=count, description="progress"),
+        "progress": widgets.IntProgress(value=0, min=0, max=num_inference_steps, description="progress"),
         "gallery": widgets.HBox(),
     }
 
     def on_generate(_button):
         c = controls
         c["button"].disabled = True
-        c["progress"].value, c["progress"].max = 0, c["count"].value
+        c["progress"].value, c["progress"].max = 0, c["steps"].value
         c["gallery"].children = ()
+
+        def show_step(step, total):  # the bar moves after every denoising step of the one batched call
+            c["progress"].value = step
+
         try:
-            for i in range(c["count"].value):  # one image per call, so the bar moves after each image
-                image = generate_images(model, [c["prompt"].value], [c["seed"].value + i], c["guidance_scale"].value,
-                                        c["steps"].value, progress=False)[0]
-                shown = widgets.Image(value=png_bytes(image), format="png", width=128, height=128)
-                c["gallery"].children = c["gallery"].children + (shown,)
-                c["progress"].value = i + 1
+            count = c["count"].value
+            images = generate_images(model, [c["prompt"].value] * count, [c["seed"].value + i for i in range(count)],
+                                     c["guidance_scale"].value, c["steps"].value, batch_size=count, progress=False,
+                                     callback=show_step)
+            c["gallery"].children = tuple(widgets.Image(value=png_bytes(image), format="png", width=128, height=128)
+                                          for image in images)
         finally:
             c["button"].disabled = False
 
