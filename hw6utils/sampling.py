@@ -129,10 +129,11 @@ def resolve_checkpoint(stage: str, output_dir: str = "outputs") -> Path:
 
 
 def list_checkpoints(root: Path) -> list:
-    """Complete checkpoint folders under root, oldest step first (unfinished '.tmp' folders are ignored)."""
+    """Complete checkpoint folders under root, oldest step first ('.tmp' and '.del' folders are ignored)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("unet_sch_*") if p.name[9:].isdigit() and (p / "hw6_config.json").is_file()]
+    found = [p for p in root.glob("unet_sch_*") if p.name[9:].isdigit() and (p / "hw6_config.json").is_file()
+             and (p / "diffusion_pytorch_model.safetensors").is_file()]
     return sorted(found, key=lambda p: int(p.name[9:]))
 
 

@@ -353,7 +353,8 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"{final}: could not write the checkpoint ({err}); earlier checkpoints are untouched") from err
     if final.exists():
-        old = root / f"unet_sch_{step}.old"
+        old = root / f"unet_sch_{step}.del"
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -370,7 +371,13 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
     protected = {Path(p).resolve() for p in keep if p is not None}
     for path in list_checkpoints(root)[:-keep_last]:
         if path.resolve() not in protected:
-            shutil.rmtree(path)
+            # rename first (atomic), then delete: a kill during rmtree must not leave a half-deleted
+            # folder that still looks like a checkpoint
+            doomed = path.with_name(path.name + ".del")
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+    for leftover in root.glob("unet_sch_*.del"):  # from a run killed while deleting
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def archive_previous_run(out_dir: Path) -> None:
