@@ -13,10 +13,8 @@ def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DCondit
     (class_embed_type="projection"), on top of cross-attention over the token states.
     """
     m = cfg.model
-    if text_hidden_size is not None and text_hidden_size != m.cross_attention_dim:
-        raise ValueError(f"cross_attention_dim is {m.cross_attention_dim} but the text encoder "
-                         f"{cfg.encoders.text_encoder!r} has hidden size {text_hidden_size}; "
-                         f"set cross_attention_dim={text_hidden_size}")
+    if text_hidden_size is not None:
+        check_text_hidden_size(cfg, text_hidden_size)
     if len(m.down_block_types) != len(m.block_out_channels) or len(m.up_block_types) != len(m.block_out_channels):
         raise ValueError(f"block_out_channels has {len(m.block_out_channels)} levels but down_block_types has "
                          f"{len(m.down_block_types)} and up_block_types {len(m.up_block_types)}; they must match")
@@ -29,6 +27,14 @@ def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DCondit
         up_block_types=tuple(m.up_block_types), layers_per_block=m.layers_per_block,
         cross_attention_dim=m.cross_attention_dim, attention_head_dim=m.attention_head_dim,
         norm_num_groups=m.norm_num_groups, **extra)
+
+
+def check_text_hidden_size(cfg: Config, text_hidden_size: int) -> None:
+    """Cross-attention reads the text encoder's token states, so their widths must agree."""
+    if text_hidden_size != cfg.model.cross_attention_dim:
+        raise ValueError(f"cross_attention_dim is {cfg.model.cross_attention_dim} but the text encoder "
+                         f"{cfg.encoders.text_encoder!r} has hidden size {text_hidden_size}; "
+                         f"set cross_attention_dim={text_hidden_size}")
 
 
 def build_vae(cfg: Config) -> AutoencoderKL:

@@ -24,7 +24,7 @@ from .data import ImageCaptionDataset, ensure_data, ensure_writable_dir, load_co
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history
-from .models import build_unet, build_vae, count_params
+from .models import build_unet, build_vae, check_text_hidden_size, count_params
 from .sampling import list_checkpoints, make_sampler, sample, unet_kwargs
 
 
@@ -59,7 +59,7 @@ def prepare_data(cfg: Config, device):
     """
     data = load_course_data(ensure_data(cfg))
     tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
-    build_unet(cfg, text_hidden_size(text_model))  # fails early, with a clear message, on a size mismatch
+    check_text_hidden_size(cfg, text_hidden_size(text_model))  # fails before any encoding on a size mismatch
     vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if cfg.data.image_size // factor != cfg.model.sample_size:
