@@ -1,12 +1,17 @@
 """Speed and memory of one preset on this machine, printed as numbers (ratios measured in the same run).
 
-    .venv/bin/python bench/bench.py                 # tiny preset, CPU
-    .venv/bin/python bench/bench.py --preset hw6    # needs the hub weights (or local paths) and a GPU
+    .venv/bin/python bench/bench.py                                 # tiny preset, CPU
+    .venv/bin/python bench/bench.py --preset hw6 --stand_in --flags --generate 1063   # on a GPU
 
 Prints: parameter count; training images/s with the latent/text cache and without it (the course's way:
 both encoders on every step), with the split of a step into data, encoders, UNet forward+backward and
 optimizer; DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls, at
 several batch sizes; the explorer's case (4 images of the reference model); peak memory; on CUDA, MFU.
+--flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
+its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063).
+--stand_in replaces the hub encoders of the hw6 presets (CLIP B/32 text tower, SD VAE) by random-weight
+models of the same architecture (speed depends on the shapes, not on the weights), with the shapes set
+as data, so the hw6 preset can be timed where the hub is unreachable.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
-from hw6utils.models import build_unet, count_params  # noqa: E402
+from hw6utils.models import count_params  # noqa: E402
 from hw6utils.sampling import (expand_text, guided_noise_pred, initial_noise, load_model, make_sampler,  # noqa: E402
                                unet_kwargs)
-from hw6utils.training import diffusion_loss, get_batch, make_noise_scheduler, pick_device, prepare_data  # noqa: E402
+from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
+                               prepare_data, setup_unet)
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0}  # dense bf16 (fp16 on T4)
 
@@ -43,14 +49,39 @@ def timed(device, fn):
     return out, time.perf_counter() - start
 
 
-def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, steps: int) -> dict:
+def stand_in_encoders(cfg, root: Path) -> dict:
+    """Random-weight CLIP ViT-B/32 text tower and Stable Diffusion VAE (their published configs), saved with
+    save_pretrained under root; returns the config overrides that point the preset at them. The tokenizer is
+    the offline MiniLM's (CLIP's vocabulary files are on the hub): same sequence length, same compute."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+    from hw6utils.encoders import resolve_text_encoder
+    if cfg.encoders.text_encoder != "openai/clip-vit-base-patch32" or "stable-diffusion" not in cfg.encoders.vae:
+        raise SystemExit("--stand_in knows CLIP ViT-B/32 and the SD VAE (the hw6 presets) only")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder("minilm"))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=512, intermediate_size=2048,
+                                        num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
+                                        eos_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+                                        pad_token_id=tokenizer.pad_token_id))
+    text.save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        sample_size=512, scaling_factor=0.18215)
+    vae.save_pretrained(root / "vae")
+    data_dir = cfg.data.data_dir if Path(cfg.data.data_dir, "train_info.json").is_file() else "outputs/bench/shapes"
+    return {"text_encoder": str(root / "text"), "vae": str(root / "vae"), "vae_subfolder": "", "data_dir": data_dir}
+
+
+def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, steps: int, warmup: int = 1) -> dict:
     """Seconds per optimizer step spent in data, encoders, UNet forward+backward and optimizer."""
     generator = torch.Generator().manual_seed(0)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
     split = {"data": 0.0, "encoders": 0.0, "unet": 0.0, "optimizer": 0.0}
-    for step in range(steps + 1):  # the first step warms up and is not counted
+    for step in range(steps + warmup):  # the warm-up steps are not counted
         times = {}
-        if "loader" in prepared:
+        if "dataset" in prepared:
             (images, captions), times["data"] = timed(device, lambda: next(prepared["batches"]))
 
             def encode():
@@ -68,7 +99,7 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         _, times["optimizer"] = timed(device, update)
-        if step:
+        if step >= warmup:
             for key in split:
                 split[key] += times[key] / steps
     return split
@@ -107,29 +138,43 @@ def main(argv=None) -> None:
     parser.add_argument("--train_steps", type=int, default=10, help="timed optimizer steps per setting [10]")
     parser.add_argument("--sample_steps", type=int, default=50, help="DDIM steps when timing sampling [50]")
     parser.add_argument("--batches", default="1,4,16", help="sampling batch sizes [1,4,16]")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. batch_size=16")
+    parser.add_argument("--stand_in", action="store_true", help="random-weight CLIP/SD-VAE of the hw6 presets")
+    parser.add_argument("--flags", action="store_true", help="time each training speed flag on its own")
+    parser.add_argument("--compile", action="store_true", help="include torch.compile in --flags (slow to compile)")
+    parser.add_argument("--generate", type=int, default=0, help="time generating this many prompts (1063 = course)")
+    parser.add_argument("--skip_uncached", action="store_true", help="time the cached training step only")
+    parser.add_argument("--also_batch", default="", help="with --flags: also time these micro-batch sizes, e.g. 64,128")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    cfg = get_preset(args.preset, device=str(device), output_dir="outputs/bench", eval_freq=0)
+    from hw6utils.config import parse_value
+    overrides = {k: parse_value(k, v) for k, v in (item.split("=", 1) for item in args.set)}
+    cfg = get_preset(args.preset, device=str(device), output_dir="outputs/bench", eval_freq=0, **overrides)
+    if args.stand_in:
+        cfg = apply_overrides(cfg, **stand_in_encoders(cfg, Path(cfg.train.output_dir) / "stand_in"))
     print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
 
     results = {}
-    for cached in (True, False):
+    for cached in (True,) if args.skip_uncached else (True, False):
         run_cfg = apply_overrides(cfg, cache_latents=cached)
         prepared = prepare_data(run_cfg, device)
         if not cached:
-            prepared["batches"] = iter(prepared["loader"])
-        torch.manual_seed(0)
-        unet = build_unet(run_cfg, text_hidden_size(prepared["text_model"])).to(device).train()
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda")
-        split = train_step_split(run_cfg, prepared, unet, optimizer, make_noise_scheduler(run_cfg), device,
-                                 args.train_steps)
+            prepared["batches"] = image_batches(prepared["dataset"], run_cfg, device)
+        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
+        split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
+                                 args.train_steps, warmup=20 if run_cfg.train.compile else 2)
         total = sum(split.values())
         results[cached] = run_cfg.train.batch_size / total
         shares = ", ".join(f"{k} {v / total:.1%}" for k, v in split.items())
         print(f"training {'cached  ' if cached else 'uncached'}: {results[cached]:8.1f} images/s "
               f"(batch {run_cfg.train.batch_size}; {shares})")
-    print(f"cache speed-up: {results[True] / results[False]:.2f}x")
+    if not args.skip_uncached:
+        print(f"cache speed-up: {results[True] / results[False]:.2f}x")
     print(f"UNet parameters: {count_params(unet):,}")
+    if args.generate:  # first on a GPU: the figure the course cares about
+        time_generation(cfg, unet, prepared, device, args.generate)
+    if args.flags:
+        time_flags(cfg, prepared if args.skip_uncached else prepare_data(cfg, device), device, args)
 
     unet.eval()
     scheduler = make_sampler(make_noise_scheduler(cfg).config)
@@ -152,10 +197,46 @@ def main(argv=None) -> None:
     print(f"peak resident memory: {peak_mb:,.0f} MB")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        report_mfu(unet, cfg, results[True], device)
+        print(f"training cached, config flags: {mfu_text(unet, cfg, results[True], device)}")
 
 
-def report_mfu(unet, cfg, images_per_s: float, device) -> None:
+def time_flags(cfg, prepared, device, args) -> None:
+    """Training images/s (cached) with every speed flag off, then each flag on alone, then the config's own."""
+    names = ["channels_last"] + (["tf32", "fused_adamw"] if device.type == "cuda" else []) + \
+        (["compile"] if args.compile else [])
+    off = apply_overrides(cfg, **{n: False for n in names})
+    runs = [("all off", off)] + [(f"+{n}", apply_overrides(off, **{n: True})) for n in names] + [("config", cfg)]
+    runs += [(f"config, batch {b}", apply_overrides(cfg, batch_size=int(b))) for b in args.also_batch.split(",") if b]
+    base = None
+    for label, run_cfg in runs:
+        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
+        split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
+                                 args.train_steps, warmup=20 if run_cfg.train.compile else 2)
+        speed = run_cfg.train.batch_size / sum(split.values())
+        base = base or speed
+        mfu = f"; {mfu_text(unet, run_cfg, speed, device)}" if device.type == "cuda" else ""
+        print(f"flags {label:18s} {speed:8.1f} images/s  ({speed / base:.2f}x all off){mfu}")
+        del unet, model, optimizer
+        torch._dynamo.reset()
+
+
+def time_generation(cfg, unet, prepared, device, count: int) -> None:
+    """Seconds to generate `count` prompts as `hw6 generate` does (DDIM, CFG, batches of gen_batch_size)."""
+    from hw6utils.sampling import LoadedModel, generate_images
+    model = LoadedModel(cfg, unet.eval(), make_sampler(make_noise_scheduler(cfg).config, cfg.sample.sampler), prepared["vae"],
+                        prepared["tokenizer"], prepared["text_model"], Path("."))
+    prompts = [f"A monster number {i} with wings, sharp teeth and a long tail. The monster is attacking."
+               for i in range(count)]
+    s = cfg.sample
+    generate_images(model, prompts[:2], [0, 1], s.guidance_scale, 2, batch_size=2, progress=False)  # warm-up
+    _, seconds = timed(device, lambda: generate_images(model, prompts, list(range(count)), s.guidance_scale,
+                                                       s.num_inference_steps, batch_size=s.gen_batch_size,
+                                                       progress=False))
+    print(f"generate {count} prompts, {s.sampler} {s.num_inference_steps} steps, batch {s.gen_batch_size}: {seconds:.1f} s "
+          f"({count / seconds:.1f} images/s)")
+
+
+def mfu_text(unet, cfg, images_per_s: float, device) -> str:
     """Model FLOPs utilisation: FLOPs of one image's forward+backward x images/s over the GPU's bf16 peak."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -168,7 +249,7 @@ def report_mfu(unet, cfg, images_per_s: float, device) -> None:
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     achieved = counter.get_total_flops() * images_per_s / 1e12
-    print(f"{name}: {achieved:.1f} TFLOP/s" + (f", MFU {achieved / peak:.1%} of {peak:.0f} TFLOP/s bf16" if peak else ""))
+    return f"{achieved:.1f} TFLOP/s" + (f", MFU {achieved / peak:.1%} of {name}'s {peak:.0f} bf16" if peak else "")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ CONFIG_COMMANDS = {
     "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
     "demo": "build the shapes set, train from scratch, and score it beside the reference model",
     "export-reference": "copy a checkpoint's EMA UNet (fp16), schedule and config into data/reference/",
+    "sweep": "generate and score a grid of samplers x steps x guidance scales for one checkpoint (--stage)",
 }
+INCEPTION_HELP = ("torchvision's inception_v3 weight file, or a TorchScript feature extractor (images in [-1, 1] -> "
+                  "(N, D) features) [default: download torchvision's]")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
                            help=f"{help_text} [{shown}]")
+
+
+def add_scorer_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The course scorer's inputs: test.json, FID statistics, ground truth for CLIP-I, the two networks."""
+    parser.add_argument("--test-json", dest="test_json", required=required,
+                        **({} if required else {"default": argparse.SUPPRESS}), help="the course's test.json")
+    parser.add_argument("--stats", required=required, help="folder with test_mu.npy and test_sigma.npy")
+    parser.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
+    parser.add_argument("--inception", default=None, help=INCEPTION_HELP)
+    parser.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP hub id or local folder")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -44,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-reference":
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
             p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
+        if name == "sweep":
+            p.add_argument("--guidance", default="3,5,7.5", help="guidance scales, comma-separated [3,5,7.5]")
+            p.add_argument("--steps", default="15,25,50", help="sampler steps, comma-separated [15,25,50]")
+            p.add_argument("--samplers", default=None, help="ddim and/or dpmpp, comma-separated [--sampler's]")
+            p.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+            p.add_argument("--out", default=None, help="folder for sweep.csv/.json/.md [<output_dir>/sweep_<stage>]")
+            course = p.add_argument_group("course data: score with FID and CLIP instead of the shapes check "
+                                          "(prompts from --test-json, default <data_dir>/test.json)")
+            add_scorer_flags(course, required=False)
     nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
                          description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")
     nbs.add_argument("names", nargs="*", help="notebooks to run, e.g. 01_data (default: all, in order)")
@@ -55,16 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     nbs.add_argument("--timeout", type=float, default=None, help="seconds per cell [no limit]")
     score = sub.add_parser("score", help="FID, CLIP-T and CLIP-I of a folder of PNGs, as the course scored them")
     score.add_argument("images", help="folder with one 256x256 PNG per test.json entry")
-    score.add_argument("--test-json", required=True, help="the course's test.json")
-    score.add_argument("--stats", required=True, help="folder with test_mu.npy and test_sigma.npy")
-    score.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
-    score.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
-    score.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP hub id or local folder")
+    add_scorer_flags(score)
     score.add_argument("--out", default=None, help="JSON of the scores [<images>_scores.json]")
     stats = sub.add_parser("stats", help="write test_mu.npy/test_sigma.npy of a folder of images (FID reference)")
     stats.add_argument("images", help="folder of PNGs")
     stats.add_argument("--out", required=True, help="destination folder")
-    stats.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
+    stats.add_argument("--inception", default=None, help=INCEPTION_HELP)
     pack = sub.add_parser("package", help="check the images as the scorer will and write the course zip hw6_<ID>.zip")
     pack.add_argument("--student-id", required=True, help="your student id (letters, digits, '-', '_')")
     pack.add_argument("--images", required=True, help="folder with one 256x256 PNG per test.json entry")
@@ -75,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     grade = sub.add_parser("grade", help="rerun each submission's notebooks, score its results/, rank by FID")
     grade.add_argument("submissions", help="folder of submission folders (e.g. unzipped hw6_<ID>/)")
     grade.add_argument("--out", default="grades.csv", help="CSV of the rows; leaderboard .md/.html beside it [grades.csv]")
-    grade.add_argument("--test-json", required=True, help="the course's test.json")
-    grade.add_argument("--stats", required=True, help="folder with test_mu.npy and test_sigma.npy")
-    grade.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
-    grade.add_argument("--inception", default=None, help="local torchvision inception_v3 weight file (default: download)")
-    grade.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP hub id or local folder")
+    add_scorer_flags(grade)
     grade.add_argument("-f", "--parameters_file", help="YAML file of notebook parameters injected into every submission")
     grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="one notebook parameter, its value read as YAML")
@@ -111,6 +125,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as err:
         print(f"hw6 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training's second Ctrl-C (the first one saves and stops cleanly)
+        print(f"hw6 {args.command}: stopped at once by Ctrl-C; complete checkpoints are untouched "
+              "(resume with --ckpt_path last)", file=sys.stderr)
+        return 130
 
 
 def run(args) -> int:
@@ -175,6 +193,8 @@ def run(args) -> int:
         export_reference(resolve_checkpoint(args.from_checkpoint, cfg.train.output_dir), Path(args.out))
     elif args.command == "demo":
         demo(cfg)
+    elif args.command == "sweep":
+        print(sweep_stage(cfg, args))
     return 0
 
 
@@ -207,6 +227,47 @@ def evaluate_stage(cfg, stage: str) -> str:
     image_grid(images, cols=12).save(out / f"eval_{name}.png")
     (out / f"eval_{name}.json").write_text(json.dumps(scores, indent=1))
     return format_scores(f"{name} (guidance {cfg.sample.guidance_scale}, {time.time() - start:.0f}s)", scores)
+
+
+def sweep_stage(cfg, args) -> str:
+    """`hw6 sweep`: one checkpoint over a grid of samplers x steps x guidance; the table, also saved in --out.
+
+    Scored by the shapes check (shape_test_entries), or with --stats by the course scorer on test.json's prompts.
+    """
+    from .data import ensure_writable_dir, shape_test_entries
+    from .evaluation import shape_sweep_scorer, sweep, write_sweep
+    from .sampling import load_model
+    from .training import pick_device
+
+    guidance, steps = comma_list(args.guidance, float, "--guidance"), comma_list(args.steps, int, "--steps")
+    samplers = comma_list(args.samplers or cfg.sample.sampler, str, "--samplers")
+    device = pick_device(cfg.train.device)
+    model = load_model(cfg.sample.stage, cfg.train.output_dir, device, cfg.sample.use_ema)
+    name = "reference" if cfg.sample.stage == "reference" else model.path.name
+    out = ensure_writable_dir(args.out or Path(cfg.train.output_dir) / f"sweep_{name}")   # fail before the slow part
+    if args.stats:
+        from .scoring import load_inception, sweep_scorer
+        test_json = cfg.sample.test_json or Path(cfg.data.data_dir) / "test.json"
+        prompts, score_images = sweep_scorer(test_json, args.stats, out, args.reference, load_inception(args.inception),
+                                             args.clip, args.limit, cfg.sample.gen_batch_size, device)
+    else:
+        entries = list(shape_test_entries(cfg.data.data_seed).values())[:args.limit or None]
+        prompts, score_images = [e["text_prompt"] for e in entries], shape_sweep_scorer(entries)
+    rows = sweep(model, prompts, score_images, guidance, steps, samplers, cfg.sample.sample_seed,
+                 cfg.sample.gen_batch_size)
+    table = write_sweep(rows, out)
+    return f"{name}, {len(prompts)} prompts (sweep.csv, sweep.json, sweep.md in {out}):\n{table}"
+
+
+def comma_list(text: str, kind, flag: str) -> list:
+    """'3,5,7.5' -> [3.0, 5.0, 7.5] (kind float); a bad or empty item is a one-line error naming the flag."""
+    items = [item.strip() for item in str(text).split(",")]
+    try:
+        if all(items):
+            return [kind(item) for item in items]
+    except ValueError:
+        pass
+    raise ValueError(f"{flag} expects comma-separated {kind.__name__} values, got {text!r}")
 
 
 def export_reference(ckpt: Path, out: Path) -> None:

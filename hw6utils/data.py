@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import warnings
@@ -181,7 +182,7 @@ def ensure_writable_dir(path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test_{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -233,17 +234,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """(image in [-1, 1], caption) pairs; the caption is drawn afresh among the key's options each time."""
 
     def __init__(self, data: CourseData, image_size: int, flip: bool = False, seed: int = 0, prep: str = "stretch"):
-        self.data, self.image_size, self.flip, self.prep = data, image_size, flip, prep
-        self.rng = random.Random(seed)
+        self.data, self.image_size, self.flip, self.prep, self.seed = data, image_size, flip, prep, seed
+        self.epoch = 0  # set by the training loop; with the seed and the index it fixes the flip and the caption
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, index):
+        # a generator per (seed, epoch, index): the same draws in any DataLoader worker, and again after a resume
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
         image = load_image(self.data.image_paths[index], self.image_size, self.prep)
-        if self.flip and self.rng.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
-        caption = self.rng.choice(self.data.captions[self.data.image_keys[index]])
+        caption = rng.choice(self.data.captions[self.data.image_keys[index]])
         return image, caption
 
 

@@ -1,8 +1,12 @@
 """Metrics and pictures: the automatic colour/shape check of the shapes set, image grids, the loss plot."""
 from __future__ import annotations
 
+import csv
+import dataclasses
+import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +161,104 @@ def evaluate_shapes(model, entries: list, guidance_scale: float = 7.5, num_infer
     images = generate_images(model, prompts, [seed + i for i in range(len(prompts))], guidance_scale,
                              num_inference_steps, batch_size=batch_size, progress=progress)
     return score_shape_images(images, entries), images
+
+
+# ----------------------------------------------------------------------------------------------- during training
+def training_scorer(cfg):
+    """For cfg.train.eval_metric: a function model -> {"score": higher is better, other figures to log}, or None.
+
+    'shapes': colour+shape accuracy on the first eval_limit fixed prompts. 'fid': the course's FID (and CLIP-T
+    with eval_clip) of the first eval_limit test.json prompts against eval_stats; on a subset FID runs high, so
+    it ranks checkpoints of one run rather than matching the leaderboard. Everything is loaded here, once.
+    """
+    from .sampling import generate_images
+    t, s = cfg.train, cfg.sample
+    if not t.eval_metric:
+        return None
+    if t.eval_metric == "shapes":
+        from .data import shape_test_entries
+        entries = list(shape_test_entries(cfg.data.data_seed).values())[:t.eval_limit]
+
+        def score_shapes(model) -> dict:
+            images = generate_images(model, [e["text_prompt"] for e in entries], list(range(len(entries))),
+                                     s.guidance_scale, s.num_inference_steps, batch_size=s.gen_batch_size, progress=False)
+            accuracy = score_shape_images(images, entries)["colour_shape"]
+            return {"score": accuracy, "colour_shape": accuracy}
+        return score_shapes
+    if t.eval_metric != "fid":
+        raise ValueError(f"eval_metric must be '', 'shapes' or 'fid', got {t.eval_metric!r}")
+    from .data import load_test_prompts
+    from .scoring import clip_t, frechet_distance, inception_features, load_clip, load_inception, load_stats
+    if not t.eval_stats:
+        raise ValueError("eval_metric='fid' needs eval_stats: a folder with test_mu.npy and test_sigma.npy")
+    mu_ref, sigma_ref = load_stats(t.eval_stats)
+    extractor = load_inception(t.eval_inception or None)
+    clip = load_clip(t.eval_clip) if t.eval_clip else None
+    prompts = [prompt for _, prompt, _ in load_test_prompts(s.test_json or Path(cfg.data.data_dir) / "test.json")]
+    prompts = prompts[:t.eval_limit]
+
+    def score_fid(model) -> dict:
+        images = generate_images(model, prompts, list(range(len(prompts))), s.guidance_scale, s.num_inference_steps,
+                                 batch_size=s.gen_batch_size, progress=False)
+        device = next(model.unet.parameters()).device
+        features = inception_features(images, extractor.to(device), device=device)
+        fid = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), mu_ref, sigma_ref)
+        out = {"score": -fid, "fid": fid}
+        if clip is not None:
+            out["clip_t"] = clip_t(images, prompts, *clip)
+        return out
+    return score_fid
+
+
+# ----------------------------------------------------------------------------------------------- sweeps
+def shape_sweep_scorer(entries: list):
+    """score_images for `sweep` on the shapes set's prompt entries: the colour/shape accuracies, each in [0, 1]."""
+    names = {"colour_shape": "colour_shape", "held_out": "colour_shape_held_out",
+             "unseen_phrasing": "colour_shape_unseen_phrasing", "colour": "colour", "shape": "shape"}
+
+    def score_images(images, cell) -> dict:
+        scores = score_shape_images(images, entries)
+        return {column: scores[key] for column, key in names.items()}
+
+    return score_images
+
+
+def sweep(model, prompts: list, score_images, guidance_scales, steps, samplers=("ddim",), seed: int = 0,
+          batch_size: int = 32) -> list:
+    """Generate and score one image per prompt for every sampler x steps x guidance scale of one loaded checkpoint.
+
+    model: a `sampling.LoadedModel`; image i of every cell uses seed + i, so the cells differ only by their settings.
+    score_images(images, cell) returns the figures of one cell (cell = {"sampler", "steps", "guidance"}).
+    Returns one row per cell: its settings, its figures, and the generation time per image in seconds.
+    """
+    from .sampling import generate_images, make_sampler
+
+    schedule = json.loads((model.path / "scheduler" / "scheduler_config.json").read_text())
+    sampler_of = {name: make_sampler(schedule, name) for name in samplers}   # an unknown name fails before any work
+    seeds = [seed + i for i in range(len(prompts))]
+    rows = []
+    for name, num_steps, guidance in itertools.product(samplers, steps, guidance_scales):
+        cell = {"sampler": name, "steps": int(num_steps), "guidance": float(guidance)}
+        start = time.perf_counter()
+        images = generate_images(dataclasses.replace(model, scheduler=sampler_of[name]), prompts, seeds, guidance,
+                                 num_steps, batch_size=batch_size, progress=False)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        rows.append({**cell, **score_images(images, cell), "s_per_image": round(seconds, 4)})
+        print(f"{name} {num_steps} steps, guidance {guidance:g}: {seconds:.3f} s/image")
+    return rows
+
+
+def write_sweep(rows: list, out_dir) -> str:
+    """Save the rows of `sweep` as sweep.csv, sweep.json and sweep.md in out_dir; return the Markdown table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    with (out_dir / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+    table = "\n".join("| " + " | ".join(line) + " |" for line in [columns, ["---"] * len(columns), *cells])
+    (out_dir / "sweep.md").write_text(table + "\n")
+    return table

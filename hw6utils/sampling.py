@@ -39,7 +39,8 @@ def make_sampler(noise_scheduler_config: dict, kind: str = "ddim"):
 def unet_kwargs(unet, text: dict) -> dict:
     """The conditioning arguments of one UNet call: token states, their padding mask, and the pooled vector."""
     kwargs = {"encoder_hidden_states": text["emb"], "encoder_attention_mask": text["mask"]}
-    if unet.config.class_embed_type == "projection":
+    config = getattr(unet, "module", unet).config  # a DistributedDataParallel wrapper keeps the UNet in .module
+    if config.class_embed_type == "projection":
         kwargs["class_labels"] = text["pooled"]
     return kwargs
 
@@ -102,16 +103,31 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
         if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
             predicted = getattr(out, "pred_original_sample", None)
             snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))
-    images = decode_latents(vae, latents)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+        images = decode_latents(vae, latents)
     return (images, snapshots) if return_steps else images
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+def read_best(root: Path) -> dict | None:
+    """ckpt_last/best.json (written when training tracks eval_metric) with "path" added, or None."""
+    if not (Path(root) / "best.json").is_file():
+        return None
+    best = json.loads((Path(root) / "best.json").read_text())
+    return {**best, "path": Path(root) / best["checkpoint"]}
+
+
 def resolve_checkpoint(stage: str, output_dir: str = "outputs") -> Path:
-    """'reference' -> data/reference; 'last' -> newest complete outputs/ckpt_last/unet_sch_<step>;
-    a number -> that step; anything else is a folder path."""
+    """'reference' -> data/reference; 'last' -> newest complete outputs/ckpt_last/unet_sch_<step>; 'best' -> the
+    best one by eval_metric (ckpt_last/best.json); a number -> that step; anything else is a folder path."""
     if stage == "reference":
         path = REFERENCE_DIR
+    elif stage == "best":
+        best = read_best(Path(output_dir) / "ckpt_last")
+        if best is None:
+            raise FileNotFoundError(f"{Path(output_dir) / 'ckpt_last' / 'best.json'}: no best checkpoint recorded "
+                                    "(train with --eval_metric shapes or fid)")
+        path = best["path"]
     elif stage == "last" or str(stage).isdigit():
         root = Path(output_dir) / "ckpt_last"
         found = list_checkpoints(root)

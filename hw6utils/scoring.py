@@ -84,18 +84,27 @@ def load_inception(weights_path=None) -> torch.nn.Module:
     """The course's FID network: torchvision `inception_v3` (ImageNet IMAGENET1K_V1 weights) with `fc` = identity.
 
     `weights_path` is a local copy of torchvision's weight file; without it torchvision downloads the weights into its
-    cache. torchvision is optional (`pip install .[score]`) and imported only here.
+    cache. torchvision is optional (`pip install .[score]`) and imported only here. `weights_path` may instead be a
+    TorchScript module (`torch.jit.save`) mapping (N, 3, 299, 299) images in [-1, 1] to (N, D) features: a stand-in
+    extractor that needs no torchvision (its FID is comparable only with statistics made by the same file).
     """
     where = (f"download {INCEPTION_URL} on a machine with internet and put it at {weights_path}" if weights_path
              else f"download {INCEPTION_URL} and pass its path, or put it in torch's cache "
                   f"({Path(torch.hub.get_dir()) / 'checkpoints' / INCEPTION_FILE})")
     if weights_path is not None and not Path(weights_path).is_file():
-        raise FileNotFoundError(f"{weights_path}: Inception weights not found. FID needs torchvision's {INCEPTION_FILE}: {where}")
+        raise FileNotFoundError(f"{weights_path}: Inception weights not found. FID needs torchvision's {INCEPTION_FILE} "
+                                f"(or a TorchScript feature extractor): {where}")
+    not_torchscript = ""
+    if weights_path is not None:
+        try:
+            return torch.jit.load(str(weights_path), map_location="cpu").eval()
+        except RuntimeError:   # not a TorchScript archive: torchvision's weight file
+            not_torchscript = f" ({weights_path} is not a TorchScript extractor, so it was read as torchvision weights)"
     try:
         from torchvision.models import inception_v3
     except (ImportError, RuntimeError) as err:   # a torchvision built for another torch fails with RuntimeError
         raise ImportError(f"FID needs torchvision, which did not import ({err}); install it with `pip install .[score]` "
-                          "(a torchvision build that matches your torch)") from err
+                          f"(a torchvision build that matches your torch){not_torchscript}") from err
     # transform_input=False as in the course: the images are already normalised with mean 0.5 / std 0.5
     if weights_path is None:
         try:
@@ -229,13 +238,13 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
     """FID, CLIP-T and (with reference_dir, the ground-truth images) CLIP-I of a submission folder, as the course scored it.
 
     extractor: the FID network (default `load_inception()`, which downloads torchvision's weights); clip_model: a hub
-    id or local folder. The figures are printed and saved as JSON to out_json (default `<images_dir>_scores.json`,
-    beside the folder so it does not become an extra file in it).
+    id or local folder, or a (model, processor) pair from `load_clip`. The figures are printed and saved as JSON to
+    out_json (default `<images_dir>_scores.json`, beside the folder so it does not become an extra file in it).
     """
     images_dir = Path(images_dir).resolve()
     problems = check_submission(images_dir, test_json)
     if problems:
-        raise ValueError(f"{images_dir}: not scored, {len(problems)} problem(s):\n" + "\n".join(problems))
+        raise ValueError(f"{images_dir}: not scored, {len(problems)} problem(s): " + "; ".join(problems))
     entries = load_test_prompts(test_json)
     image_paths = [images_dir / name for name, _, _ in entries]
     prompts = [prompt for _, prompt, _ in entries]
@@ -249,7 +258,7 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
     # load everything before the slow part, so a missing file fails in seconds
     mu_ref, sigma_ref = load_stats(stats_dir)
     extractor = (load_inception() if extractor is None else extractor).to(device)
-    model, processor = load_clip(clip_model, device)
+    model, processor = clip_model if isinstance(clip_model, tuple) else load_clip(clip_model, device)
 
     mu, sigma = compute_stats(image_paths, extractor, batch_size, device)
     scores = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
@@ -265,6 +274,38 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
     return scores
 
 
+def sweep_scorer(test_json, stats_dir, out_dir, reference_dir=None, extractor=None, clip_model: str = DEFAULT_CLIP,
+                 limit: int = 0, batch_size: int = 32, device="cpu") -> tuple:
+    """(prompts, score_images) for `evaluation.sweep` on the course's test.json (its first `limit` entries if limit > 0).
+
+    score_images(images, cell) saves the images as 256x256 PNGs named `image_name` in
+    `out_dir/<sampler>_<steps>_g<guidance>/` and scores that folder with `score`. On a subset, FID against the full
+    test set's statistics runs high: compare the rows with each other, not with the leaderboard.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = load_test_prompts(test_json)
+    if limit > 0:   # a test.json of the first `limit` entries, for `score` to check the folders against
+        raw = json.loads(Path(test_json).read_text(encoding="utf-8"))
+        test_json = out_dir / "test.json"
+        test_json.write_text(json.dumps(dict(list(raw.items())[:limit]), indent=1), encoding="utf-8")
+        entries = entries[:limit]
+    # load everything once, before the first image is generated
+    load_stats(stats_dir)
+    extractor = load_inception() if extractor is None else extractor
+    clip = load_clip(clip_model, device)
+
+    def score_images(images, cell) -> dict:
+        folder = out_dir / f"{cell['sampler']}_{cell['steps']}_g{cell['guidance']:g}"
+        folder.mkdir(exist_ok=True)
+        for (name, _, _), image in zip(entries, images):
+            image.convert("RGB").resize(SUBMISSION_SIZE, Image.BICUBIC).save(folder / name, format="PNG")
+        scores = score(folder, test_json, stats_dir, reference_dir, extractor, clip, batch_size=batch_size, device=device)
+        return {key: value for key, value in scores.items() if key != "num_images"}
+
+    return [prompt for _, prompt, _ in entries], score_images
+
+
 def package_submission(student_id: str, images_dir, test_json, out_dir=".", report=None, model_note: str = "",
                        code_root=None) -> Path:
     """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: the code, `results/` (the PNGs), `MODEL.md`
@@ -276,7 +317,7 @@ def package_submission(student_id: str, images_dir, test_json, out_dir=".", repo
         raise ValueError(f"student id must be letters, digits, '-' or '_', got {student_id!r}")
     problems = check_submission(images_dir, test_json)
     if problems:
-        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s):\n" + "\n".join(problems))
+        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s): " + "; ".join(problems))
     code_root = Path(code_root) if code_root else Path(__file__).resolve().parent.parent
     top = f"hw6_{student_id}"
     out = Path(out_dir) / f"{top}.zip"

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -23,9 +25,9 @@ from .config import Config, save_config
 from .data import ImageCaptionDataset, ensure_data, ensure_writable_dir, load_course_data, load_images
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
-from .evaluation import image_grid, plot_history
+from .evaluation import image_grid, plot_history, training_scorer
 from .models import build_unet, build_vae, check_text_hidden_size, count_params
-from .sampling import list_checkpoints, make_sampler, sample, unet_kwargs
+from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sample, unet_kwargs
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -72,17 +74,18 @@ def prepare_data(cfg: Config, device):
     out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
            "null_text": encode([""])}
     if not cfg.train.cache_latents:
-        dataset = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed, cfg.data.image_prep)
-        out["loader"] = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                                    drop_last=True, num_workers=2 if device.type == "cuda" else 0)
+        out["dataset"] = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed,
+                                             cfg.data.image_prep)
         return out
     start = time.time()
     latent_mean, latent_std = cache_latents(data, vae, cfg)
     unique = sorted({c for options in data.captions.values() for c in options})
     index = {c: i for i, c in enumerate(unique)}
     texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
-    out.update(latent_mean=latent_mean, latent_std=latent_std,
-               text_table={k: torch.cat([t[k] for t in texts]).cpu() for k in texts[0]},
+    # on a GPU the whole cache lives in GPU memory (the course set: ~1.4 GB of latents), so a batch is one gather
+    keep_on = device if torch.device(device).type == "cuda" else "cpu"
+    out.update(latent_mean=latent_mean.to(keep_on), latent_std=latent_std.to(keep_on),
+               text_table={k: torch.cat([t[k] for t in texts]).to(keep_on) for k in texts[0]},
                caption_ids=[[index[c] for c in data.captions[key]] for key in data.image_keys])
     print(f"{len(data)} latents x{latent_mean.shape[0]} and {len(unique)} captions ready in {time.time() - start:.1f}s")
     return out
@@ -113,10 +116,10 @@ def cache_latents(data, vae, cfg: Config):
         views = [images, images.flip(-1)] if cfg.data.flip else [images]  # cache both orientations for flips
         means, stds = [], []
         for view in views:
-            parts = [encode_posterior(vae, view[i:i + 256]) for i in range(0, len(view), 256)]
+            parts = [encode_posterior(vae, view[i:i + 32]) for i in range(0, len(view), 32)]
             means.append(torch.cat([m for m, _ in parts]).cpu())
             stds.append(torch.cat([s for _, s in parts]).cpu())
-        saved = {"mean": torch.stack(means), "std": torch.stack(stds), "kept": torch.tensor(kept)}
+        saved = {"mean": torch.stack(means).contiguous(), "std": torch.stack(stds).contiguous(), "kept": torch.tensor(kept)}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(saved, str(path) + ".tmp")
         Path(str(path) + ".tmp").replace(path)
@@ -124,69 +127,150 @@ def cache_latents(data, vae, cfg: Config):
     return saved["mean"], saved["std"]
 
 
-def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device):
-    """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict)."""
-    batch_size = cfg.train.batch_size
-    if "loader" in prepared:
+def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)):
+    """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict).
+
+    shard = (rank, world size): under torchrun every process draws the randomness of the whole global
+    micro-batch (B x world) and keeps its own slice, so N processes see exactly what one process would.
+    """
+    rank, world = shard
+    full, keep = cfg.train.batch_size * world, slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size)
+    if "dataset" in prepared:
         images, captions = next(prepared["batches"])
-        mean, std = encode_posterior(prepared["vae"], images.to(device))
-        z = mean + std * torch.randn(mean.shape, generator=generator).to(device)
-        return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
+        mean, std = encode_posterior(prepared["vae"], images)  # on the VAE's device
+        z = mean + std * torch.randn((full, *mean.shape[1:]), generator=generator)[keep].to(mean.device)
+        text = {k: v.to(device) for k, v in prepared["encode"](list(captions)).items()}
+        return scale_latents(prepared["vae"], z).to(device), text
     mean, std = prepared["latent_mean"], prepared["latent_std"]
-    idx = torch.randint(mean.shape[1], (batch_size,), generator=generator)
-    view = torch.randint(mean.shape[0], (batch_size,), generator=generator)  # 1 = the flipped copy
+    # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU
+    idx = torch.randint(mean.shape[1], (full,), generator=generator)[keep]
+    view = torch.randint(mean.shape[0], (full,), generator=generator)[keep]  # 1 = the flipped copy
+    eps = torch.randn((full, *mean.shape[2:]), generator=generator)[keep]
     # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
-    z = mean[view, idx] + std[view, idx] * torch.randn(mean.shape[2:], generator=generator)
+    on = mean.device
+    z = mean[view.to(on), idx.to(on)] + std[view.to(on), idx.to(on)] * eps.to(on)
     # one caption per image, drawn afresh among its key's given descriptions
-    choice = torch.randint(1 << 30, (batch_size,), generator=generator).tolist()
+    choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
     caption_ids = torch.tensor([prepared["caption_ids"][i][c % len(prepared["caption_ids"][i])]
                                 for i, c in zip(idx.tolist(), choice)])
-    text = {k: v[caption_ids].to(device) for k, v in prepared["text_table"].items()}
+    text = {k: v[caption_ids.to(on)].to(device) for k, v in prepared["text_table"].items()}
     return scale_latents(prepared["vae"], z.to(device)), text
 
 
+def image_batches(dataset, cfg: Config, device, start: int = 0, shard: tuple = (0, 1)):
+    """Endless (images, captions) micro-batches for training without the cache, read by a DataLoader.
+
+    The order is a function of (seed, epoch) alone and a sample's flip and caption of (seed, epoch, index),
+    so resuming at micro-batch `start` yields exactly the batches an unbroken run would have seen.
+    """
+    rank, world = shard
+    batch = cfg.train.batch_size
+    per_epoch = len(dataset) // (batch * world)
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one global batch of {batch * world}")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+        # rows are global batches; this process takes its slice of each
+        mine = order[:per_epoch * batch * world].view(per_epoch, world, batch)[:, rank]
+        dataset.epoch = epoch
+        cuda = device.type == "cuda"
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=mine[skip:].tolist(),
+                                               num_workers=4 if cuda else 0, pin_memory=cuda)
+        epoch, skip = epoch + 1, 0
+
+
+def init_distributed(device_name: str) -> tuple:
+    """(rank, world size, device). Under `torchrun --nproc_per_node N` this joins the process group
+    (NCCL on GPUs, gloo on CPU); a plain run is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / world
+
+
+def setup_unet(cfg: Config, text_hidden: int, device) -> tuple:
+    """(unet, model, optimizer): a fresh UNet, the module the training step calls (unet itself, or its
+    torch.compile'd wrapper sharing the same parameters) and AdamW, with the speed flags of cfg.train."""
+    t = cfg.train
+    if device.type == "cuda":  # TF32 for whatever runs in fp32 outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    torch.manual_seed(t.seed)  # the UNet's initial weights (the same on every rank)
+    unet = build_unet(cfg, text_hidden).to(device).train()
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=t.fused_adamw and device.type == "cuda")
+    return unet, (torch.compile(unet) if t.compile else unet), optimizer
+
+
 def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> list:
-    """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history."""
+    """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
+
+    Runs as one process, or as N under `torchrun --nproc_per_node N` (DistributedDataParallel): the global
+    batch is then batch_size x grad_accum x N, and only rank 0 writes checkpoints, previews and logs.
+    """
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = pick_device(t.device)
+    rank, world, device = init_distributed(t.device)
+    shard, main_process = (rank, world), rank == 0
     out_dir = ensure_writable_dir(t.output_dir)
     prepared = prepared or prepare_data(cfg, device)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
-    torch.manual_seed(t.seed)  # the UNet's initial weights
-    unet = build_unet(cfg, text_hidden_size(prepared["text_model"])).to(device).train()
+    unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
     noise_scheduler = make_noise_scheduler(cfg)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps,
                                  num_training_steps=t.max_steps)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+    scorer = training_scorer(cfg) if main_process else None  # loads its networks now: a missing file fails early
     generator = torch.Generator().manual_seed(t.seed)
     start_step, history = 0, []
     resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
     if resume_from is not None:
         start_step, history = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator)
-    else:
+    elif main_process:
         archive_previous_run(out_dir)
-    if "loader" in prepared:
-        prepared["batches"] = _forever(prepared["loader"])
-    effective_batch = t.batch_size * t.grad_accum
-    print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
-          f"effective batch {t.batch_size} x {t.grad_accum} = {effective_batch}, steps {start_step} -> {t.max_steps}, "
-          f"{t.mixed_precision} on {device}")
+    if "dataset" in prepared:
+        prepared["batches"] = image_batches(prepared["dataset"], cfg, device, start_step * t.grad_accum, shard)
+    if world > 1:  # averages gradients across processes during backward
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    effective_batch = t.batch_size * t.grad_accum * world
+    if main_process:
+        print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
+              f"effective batch {t.batch_size} x {t.grad_accum}" + (f" x {world} processes" if world > 1 else "") +
+              f" = {effective_batch}, steps {start_step} -> {t.max_steps}, {t.mixed_precision} on {device}")
 
-    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps, disable=not progress)
+    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps,
+               disable=not (progress and main_process))
     window, tick = [], time.time()
     with stop_on_interrupt() as interrupted:
         for step in bar:
-            for _ in range(t.grad_accum):
-                latents, text = get_batch(prepared, cfg, generator, device)                # x_0 and its caption
-                loss = diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg, generator)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping (last checkpoint kept). "
-                                             "Lower lr or check the data.")
-                # divide by grad_accum so the summed gradients equal the big-batch mean
-                (loss / t.grad_accum).backward()
+            for micro in range(t.grad_accum):
+                latents, text = get_batch(prepared, cfg, generator, device, shard)          # x_0 and its caption
+                # DDP: all-reduce the gradients only after the last micro-batch of the step
+                sync = world == 1 or micro == t.grad_accum - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    loss = diffusion_loss(model, noise_scheduler, latents, text, null_text, cfg, generator, shard)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping (last checkpoint "
+                                                 "kept). Lower lr or check the data.")
+                    # divide by grad_accum so the summed gradients equal the big-batch mean
+                    (loss / t.grad_accum).backward()
                 window.append(loss.item())
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
@@ -198,39 +282,84 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             done = step + 1
             if done % t.log_freq == 0 or done == t.max_steps:
                 elapsed = time.time() - tick
-                record = {"step": done, "loss": sum(window) / len(window), "lr": lr_scheduler.get_last_lr()[0],
-                          "images_per_s": len(window) * t.batch_size / max(elapsed, 1e-9)}
+                record = {"step": done, "loss": mean_over_ranks(sum(window) / len(window), world),
+                          "lr": lr_scheduler.get_last_lr()[0],
+                          "images_per_s": len(window) * t.batch_size * world / max(elapsed, 1e-9)}
                 history.append(record)
-                append_csv(out_dir / "loss_log.csv", record)
+                if main_process:
+                    append_csv(out_dir / "loss_log.csv", record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 window, tick = [], time.time()
-            if t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
+            stop = interrupted() if world == 1 else mean_over_ranks(float(interrupted()), world) > 0  # all ranks agree
+            new_best = None
+            if main_process and t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
                 save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
-            if done % t.save_freq == 0 or done == t.max_steps or interrupted():
+                if scorer is not None:
+                    new_best = score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg, out_dir, done)
+            if main_process and (done % t.save_freq == 0 or done == t.max_steps or stop or new_best):
+                best = read_best(out_dir / "ckpt_last")
                 save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator,
-                                history, protect=resume_from)
-            if interrupted():
-                print(f"stopped by Ctrl-C after step {done}, checkpoint saved; resume with ckpt_path='last'")
+                                history, protect={resume_from, best and best["path"]})
+                if new_best:  # written after its checkpoint is complete
+                    write_json_atomic(out_dir / "ckpt_last" / "best.json", new_best)
+            if stop:
+                if main_process:
+                    print(f"stopped by Ctrl-C after step {done}, checkpoint saved; resume with ckpt_path='last'")
                 break
-    (out_dir / "history.json").write_text(json.dumps(history))
-    if history:
-        plot_history(history, out_dir / "loss.png")
+    if main_process:
+        (out_dir / "history.json").write_text(json.dumps(history))
+        if history:
+            plot_history(history, out_dir / "loss.png")
+    if world > 1:
+        dist.barrier()  # no process leaves before rank 0 has written the last checkpoint
     return history
 
 
-def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, cfg: Config, generator) -> torch.Tensor:
-    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR."""
+@torch.no_grad()
+def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, out_dir: Path, step: int):
+    """Score the EMA weights with cfg.train.eval_metric; log the figures to eval_log.csv beside the loss log.
+    Returns the new best.json content if this step beats the best so far, else None."""
+    unet.eval()
+    with ema_weights(unet, ema):
+        model = LoadedModel(cfg, unet, make_sampler(noise_scheduler.config, cfg.sample.sampler), prepared["vae"],
+                            prepared["tokenizer"], prepared["text_model"], out_dir)
+        figures = scorer(model)
+    unet.train()
+    append_csv(out_dir / "eval_log.csv", {"step": step, **figures})
+    best = read_best(out_dir / "ckpt_last")
+    print(f"step {step}: {cfg.train.eval_metric} " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) +
+          (f" (best so far: step {best['step']})" if best else ""))
+    if best is None or figures["score"] > best["score"]:
+        return {"step": step, "checkpoint": f"unet_sch_{step}", "metric": cfg.train.eval_metric, **figures}
+    return None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, cfg: Config, generator,
+                   shard: tuple = (0, 1)) -> torch.Tensor:
+    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR.
+
+    shard = (rank, world size): as in get_batch, draw for the global batch and keep this process's slice.
+    """
     t = cfg.train
     device = latents.device
     batch = latents.shape[0]
+    full, keep = batch * shard[1], slice(shard[0] * batch, (shard[0] + 1) * batch)
     # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
-    drop = (torch.rand(batch, generator=generator) < t.cond_drop_prob).to(device)
+    drop = (torch.rand(full, generator=generator)[keep] < t.cond_drop_prob).to(device)
     text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
             for k, v in text.items()}
-    noise = torch.randn(latents.shape, generator=generator).to(device)       # eps ~ N(0, I)
-    timesteps = torch.randint(0, t.num_train_timesteps, (batch,), generator=generator).to(device)
+    noise = torch.randn((full, *latents.shape[1:]), generator=generator)[keep].to(device)       # eps ~ N(0, I)
+    timesteps = torch.randint(0, t.num_train_timesteps, (full,), generator=generator)[keep].to(device)
     # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if t.channels_last:
+        noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
     if t.prediction_type == "epsilon":
         target = noise
     else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
@@ -273,11 +402,6 @@ def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: 
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-def _forever(loader):
-    while True:
-        yield from loader
 
 
 def append_csv(path: Path, record: dict) -> None:
@@ -326,7 +450,7 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list, protect: Path | None = None) -> Path:
+                    generator: torch.Generator, history: list, protect=None) -> Path:
     """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
@@ -360,12 +484,13 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    prune_checkpoints(root, cfg.train.keep_last, keep={final, protect})
+    protect = protect if isinstance(protect, (set, list, tuple)) else {protect}
+    prune_checkpoints(root, cfg.train.keep_last, keep={final, *protect})
     return final
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
-    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from)."""
+    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from, best)."""
     if keep_last <= 0:
         return
     protected = {Path(p).resolve() for p in keep if p is not None}
@@ -383,7 +508,7 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
 def archive_previous_run(out_dir: Path) -> None:
     """A fresh run moves an earlier run's checkpoints and loss log into ckpt_prev_<time>/ (nothing is deleted),
     so that 'last' always means this run's newest checkpoint."""
-    previous = [p for p in (out_dir / "ckpt_last", out_dir / "loss_log.csv") if p.exists()]
+    previous = [p for p in (out_dir / "ckpt_last", out_dir / "loss_log.csv", out_dir / "eval_log.csv") if p.exists()]
     if not previous:
         return
     archive = out_dir / f"ckpt_prev_{time.strftime('%Y%m%d-%H%M%S')}"

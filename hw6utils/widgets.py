@@ -16,13 +16,15 @@ def png_bytes(image) -> bytes:
 
 
 def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It is big and sits in the middle.",
-                    guidance_scale: float = 7.5, num_inference_steps: int = 50, seed: int = 0, count: int = 4):
+                    guidance_scale: float | None = None, num_inference_steps: int = 50, seed: int = 0, count: int = 4):
     """An app to try prompts on a loaded model. Returns (app, controls).
 
     `app` is the widget to display; `controls` maps names to its widgets (prompt, guidance_scale, steps, seed,
     count, button, progress, gallery), so code can set values and call `controls["button"].click()`.
     Image i uses seed + i, as `hw6 generate` does, so a picture can be reproduced from its seed.
     """
+    if guidance_scale is None:  # the model's own default (saved in its hw6_config.json)
+        guidance_scale = model.cfg.sample.guidance_scale
     controls = {
         "prompt": widgets.Text(value=default_prompt, description="prompt", layout=widgets.Layout(width="95%")),
         "guidance_scale": widgets.FloatSlider(value=guidance_scale, min=0.0, max=15.0, step=0.5,

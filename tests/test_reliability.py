@@ -55,6 +55,27 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(smoke_cfg):
 
 
 @pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_and_leaves_complete_checkpoints(smoke_cfg):
+    """The first Ctrl-C asks for a save; a second one, sent while that save may be under way, stops at once.
+    Whatever moment it lands, every checkpoint that `last` can find loads, and training resumes from it."""
+    rng = random.Random(1)
+    for attempt in range(3):
+        resume = ["--ckpt_path", "last"] if attempt else []
+        proc = start_training(smoke_cfg, "--max_steps", "100000", "--save_freq", "1", "--keep_last", "2", *resume)
+        rows = len((Path(smoke_cfg.train.output_dir) / "loss_log.csv").read_text().splitlines()) if attempt else 0
+        wait_for_steps(smoke_cfg, proc, rows=rows + 2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(rng.uniform(0.0, 0.2))
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        tail = f"exit {proc.returncode}: ...{output[-1500:]}"
+        assert proc.returncode in (0, 130), tail  # 0: the save and exit beat the second Ctrl-C
+        if proc.returncode == 130:
+            assert "stopped at once by Ctrl-C" in output, tail
+        assert assert_checkpoints_load(smoke_cfg), "no complete checkpoint survived"
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_breaks_a_checkpoint(smoke_cfg):
     rng = random.Random(0)
     kills = 0

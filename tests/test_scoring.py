@@ -9,6 +9,9 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from course_fixture import write_course_fixture
+from hw6utils.cli import main
+from hw6utils.data import load_test_prompts
 from hw6utils.scoring import (check_submission, compute_stats, frechet_distance, load_inception, save_stats,
                               score)
 
@@ -37,6 +40,14 @@ def tiny_extractor() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, kernel_size=5, stride=4), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+
+@pytest.fixture(scope="module")
+def extractor_file(tmp_path_factory):
+    """tiny_extractor saved as TorchScript: what `--inception` takes in place of torchvision's weight file."""
+    path = tmp_path_factory.mktemp("extractor") / "extractor.pt"
+    torch.jit.save(torch.jit.script(tiny_extractor()), str(path))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +149,7 @@ def test_score_refuses_a_bad_submission_or_missing_stats(submission):
     random_png(images_dir / "extra.png", 9)
     with pytest.raises(ValueError, match="2 problem") as info:
         score(images_dir, test_json, stats_dir, extractor=tiny_extractor())
-    assert f"missing: {NAMES[1]}\nextra: extra.png" in str(info.value)
+    assert f"missing: {NAMES[1]}; extra: extra.png" in str(info.value)
 
 
 def test_load_inception_names_the_missing_weights_file(tmp_path):
@@ -147,9 +158,53 @@ def test_load_inception_names_the_missing_weights_file(tmp_path):
 
 
 @pytest.mark.skipif(TORCHVISION_ERROR is None, reason="torchvision imports here")
-def test_load_inception_without_torchvision_names_the_extra():
+def test_load_inception_without_torchvision_names_the_extra(tmp_path):
     with pytest.raises(ImportError, match=r"pip install \.\[score\]"):
         load_inception()
+    (tmp_path / "junk.pt").write_bytes(b"neither TorchScript nor torchvision weights")
+    with pytest.raises(ImportError, match="junk.pt is not a TorchScript extractor"):
+        load_inception(tmp_path / "junk.pt")
+
+
+def test_stats_and_score_through_the_cli_with_stand_in_extractors(extractor_file, tiny_clip_dir, tmp_path, capsys):
+    """`hw6 stats` and `hw6 score` on the course fixture, FID from a TorchScript extractor, CLIP from a local folder."""
+    root = write_course_fixture(tmp_path / "course")
+    images, truth, stats = tmp_path / "png", tmp_path / "gt", tmp_path / "stats"
+    images.mkdir()
+    truth.mkdir()
+    for i, (name, _, _) in enumerate(load_test_prompts(root / "test.json")):
+        random_png(images / name, i)
+        random_png(truth / name, 50 + i)
+    # a teacher's statistics from a folder of sprites of mixed sizes and modes (the fixture's training images)
+    assert main(["stats", str(root / "train"), "--out", str(stats), "--inception", str(extractor_file)]) == 0
+    assert np.load(stats / "test_mu.npy").shape == (8,) and np.load(stats / "test_sigma.npy").shape == (8, 8)
+    args = ["score", str(images), "--test-json", str(root / "test.json"), "--stats", str(stats), "--reference",
+            str(truth), "--inception", str(extractor_file), "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    scores = json.loads((tmp_path / "s.json").read_text())
+    for key in ["fid", "clip_t", "clip_i"]:
+        assert math.isfinite(scores[key]) and f"{key} {scores[key]:.4f}" in printed, (key, printed)
+    assert scores["num_images"] == 4 and scores["fid"] > 0 and -1 <= scores["clip_t"] <= 1 and scores["clip_i"] < 0.9999
+    # the TorchScript file gives the figures of the module it was saved from
+    direct = score(images, root / "test.json", stats, truth, tiny_extractor(), str(tiny_clip_dir), tmp_path / "d.json")
+    assert scores == pytest.approx(direct, rel=1e-6)
+    capsys.readouterr()
+
+    (images / "0_main.png").unlink()
+    random_png(images / "stray.png", 9)
+    random_png(images / "1_attack.png", 1, size=(128, 128))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "3 problem(s)" in err, err
+    for problem in ["missing: 0_main.png", "extra: stray.png", "wrong size: 1_attack.png is 128x128"]:
+        assert problem in err, (problem, err)
+
+    missing = tmp_path / "weights" / "inception_v3_google-0cc3c7bd.pth"
+    assert main(["stats", str(truth), "--out", str(stats), "--inception", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{missing}: Inception weights not found" in err
+    assert f"download https://download.pytorch.org/models/{missing.name}" in err and f"put it at {missing}" in err
 
 
 @pytest.mark.skipif(TORCHVISION_ERROR is not None, reason=TORCHVISION_ERROR or "")

@@ -34,7 +34,11 @@ def test_short_training_reduces_the_loss_and_writes_everything(smoke_cfg):
         assert (out / name).is_file(), name
 
 
-def test_resume_continues_exactly(smoke_cfg):
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_resume_continues_exactly(smoke_cfg, cached):
+    """Train 4 steps straight vs 2, save, resume for 2: the same losses step by step (with and without the
+    latent cache; the uncached DataLoader path must restore the data order too)."""
+    smoke_cfg = apply_overrides(smoke_cfg, cache_latents=cached, batch_size=4, flip=True)
     device = pick_device("cpu")
     prepared = prepare_data(smoke_cfg, device)
     straight = train(apply_overrides(smoke_cfg, max_steps=4, save_freq=2, eval_freq=0), prepared, progress=False)
