@@ -222,9 +222,9 @@ def time_flags(cfg, prepared, device, args) -> None:
 
 def time_generation(cfg, unet, prepared, device, count: int) -> None:
     """Seconds to generate `count` prompts as `hw6 generate` does (DDIM, CFG, batches of gen_batch_size)."""
-    from hw6utils.sampling import LoadedModel, generate_images
-    model = LoadedModel(cfg, unet.eval(), make_sampler(make_noise_scheduler(cfg).config, cfg.sample.sampler), prepared["vae"],
-                        prepared["tokenizer"], prepared["text_model"], Path("."))
+    from hw6utils.sampling import generate_images
+    from hw6utils.training import sampling_model
+    model = sampling_model(cfg, unet.eval(), make_noise_scheduler(cfg).config, prepared, ".")
     prompts = [f"A monster number {i} with wings, sharp teeth and a long tail. The monster is attacking."
                for i in range(count)]
     s = cfg.sample

@@ -247,8 +247,8 @@ def sweep_stage(cfg, args) -> str:
     out = ensure_writable_dir(args.out or Path(cfg.train.output_dir) / f"sweep_{name}")   # fail before the slow part
     if args.stats:
         from .scoring import load_inception, sweep_scorer
-        test_json = cfg.sample.test_json or Path(cfg.data.data_dir) / "test.json"
-        prompts, score_images = sweep_scorer(test_json, args.stats, out, args.reference, load_inception(args.inception),
+        from .config import test_json_path
+        prompts, score_images = sweep_scorer(test_json_path(cfg), args.stats, out, args.reference, load_inception(args.inception),
                                              args.clip, args.limit, cfg.sample.gen_batch_size, device)
     else:
         entries = list(shape_test_entries(cfg.data.data_seed).values())[:args.limit or None]

@@ -218,6 +218,11 @@ def _hw6_plus() -> Config:
 PRESETS = {"tiny": _tiny, "reference": _reference, "smoke": _smoke, "hw6": _hw6, "hw6_plus": _hw6_plus}
 
 
+def test_json_path(cfg: Config) -> Path:
+    """The prompts to generate: sample.test_json, or <data_dir>/test.json when it is empty."""
+    return Path(cfg.sample.test_json or Path(cfg.data.data_dir) / "test.json")
+
+
 def get_preset(name: str, **overrides) -> Config:
     """A complete config by preset name, with any field overridden by keyword."""
     if name not in PRESETS:

@@ -134,6 +134,11 @@ def _finish(data: CourseData) -> CourseData:
     return data
 
 
+def count_too_long(tokenizer, texts: list, max_length: int) -> int:
+    """How many texts the tokenizer makes longer than max_length tokens (they will be truncated)."""
+    return sum(len(ids) > max_length for ids in tokenizer(list(texts)).input_ids) if texts else 0
+
+
 def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77) -> dict:
     """What `hw6 data check` prints: counts (monsters, keys, images, images per action family), every problem
     found while reading, and how many captions and test prompts are longer than the text encoder's limit."""
@@ -152,10 +157,8 @@ def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77) -> dict:
     prompts = [p for _, p, _ in load_test_prompts(root / "test.json")] if (root / "test.json").exists() else []
     report.update(captions=len(captions), test_prompts=len(prompts))
     if tokenizer is not None:
-        def too_long(texts):
-            return sum(len(ids) > max_text_len for ids in tokenizer(texts).input_ids) if texts else 0
-        report.update(max_text_len=max_text_len, captions_truncated=too_long(captions),
-                      test_prompts_truncated=too_long(prompts))
+        report.update(max_text_len=max_text_len, captions_truncated=count_too_long(tokenizer, captions, max_text_len),
+                      test_prompts_truncated=count_too_long(tokenizer, prompts, max_text_len))
     return report
 
 

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
 from .config import REFERENCE_DIR, REPO_ROOT
+from .data import count_too_long
 
 
 def resolve_text_encoder(name: str) -> str:
@@ -62,7 +63,7 @@ def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
-    too_long = sum(len(ids) > max_length for ids in tokenizer(list(prompts)).input_ids)
+    too_long = count_too_long(tokenizer, prompts, max_length)
     if too_long:
         warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
                       "truncated (raise max_text_len to keep them whole)", stacklevel=2)

@@ -180,29 +180,26 @@ def training_scorer(cfg):
         entries = list(shape_test_entries(cfg.data.data_seed).values())[:t.eval_limit]
 
         def score_shapes(model) -> dict:
-            images = generate_images(model, [e["text_prompt"] for e in entries], list(range(len(entries))),
-                                     s.guidance_scale, s.num_inference_steps, batch_size=s.gen_batch_size, progress=False)
-            accuracy = score_shape_images(images, entries)["colour_shape"]
-            return {"score": accuracy, "colour_shape": accuracy}
+            scores, _ = evaluate_shapes(model, entries, s.guidance_scale, s.num_inference_steps, 0, s.gen_batch_size)
+            return {"score": scores["colour_shape"], "colour_shape": scores["colour_shape"]}
         return score_shapes
     if t.eval_metric != "fid":
         raise ValueError(f"eval_metric must be '', 'shapes' or 'fid', got {t.eval_metric!r}")
+    from .config import test_json_path
     from .data import load_test_prompts
-    from .scoring import clip_t, frechet_distance, inception_features, load_clip, load_inception, load_stats
+    from .scoring import clip_t, compute_stats, frechet_distance, load_clip, load_inception, load_stats
     if not t.eval_stats:
         raise ValueError("eval_metric='fid' needs eval_stats: a folder with test_mu.npy and test_sigma.npy")
     mu_ref, sigma_ref = load_stats(t.eval_stats)
     extractor = load_inception(t.eval_inception or None)
     clip = load_clip(t.eval_clip) if t.eval_clip else None
-    prompts = [prompt for _, prompt, _ in load_test_prompts(s.test_json or Path(cfg.data.data_dir) / "test.json")]
-    prompts = prompts[:t.eval_limit]
+    prompts = [prompt for _, prompt, _ in load_test_prompts(test_json_path(cfg))][:t.eval_limit]
 
     def score_fid(model) -> dict:
         images = generate_images(model, prompts, list(range(len(prompts))), s.guidance_scale, s.num_inference_steps,
                                  batch_size=s.gen_batch_size, progress=False)
-        device = next(model.unet.parameters()).device
-        features = inception_features(images, extractor.to(device), device=device)
-        fid = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), mu_ref, sigma_ref)
+        device = model.unet.device
+        fid = frechet_distance(*compute_stats(images, extractor.to(device), device=device), mu_ref, sigma_ref)
         out = {"score": -fid, "fid": fid}
         if clip is not None:
             out["clip_t"] = clip_t(images, prompts, *clip)

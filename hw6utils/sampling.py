@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from .config import REFERENCE_DIR, Config, load_config
+from .config import REFERENCE_DIR, Config, load_config, test_json_path
 from .data import ensure_writable_dir, load_test_prompts
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
 
@@ -203,8 +203,7 @@ def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_sca
 def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
     """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>; existing PNGs are kept."""
     s = cfg.sample
-    test_json = Path(s.test_json or Path(cfg.data.data_dir) / "test.json")
-    entries = load_test_prompts(test_json)
+    entries = load_test_prompts(test_json_path(cfg))
     model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema, s.sampler)
     stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
     suffix = "" if s.sampler == "ddim" else f"_{s.sampler}"

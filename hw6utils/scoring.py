@@ -119,7 +119,7 @@ def load_inception(weights_path=None) -> torch.nn.Module:
 
 
 def compute_stats(image_paths, extractor, batch_size: int = 32, device="cpu") -> tuple:
-    """(mu, sigma): mean (D,) and covariance (D, D) of the extractor's features over the images."""
+    """(mu, sigma): mean (D,) and covariance (D, D) of the extractor's features over the images (paths or PIL)."""
     if len(image_paths) < 2:
         raise ValueError(f"FID statistics need at least 2 images, got {len(image_paths)}")
     features = inception_features(image_paths, extractor, batch_size, device)

@@ -148,7 +148,8 @@ def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, s
     eps = torch.randn((full, *mean.shape[2:]), generator=generator)[keep]
     # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
     on = mean.device
-    z = mean[view.to(on), idx.to(on)] + std[view.to(on), idx.to(on)] * eps.to(on)
+    pick = (view.to(on), idx.to(on))
+    z = mean[pick] + std[pick] * eps.to(on)
     # one caption per image, drawn afresh among its key's given descriptions
     choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
     caption_ids = torch.tensor([prepared["caption_ids"][i][c % len(prepared["caption_ids"][i])]
@@ -315,15 +316,20 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     return history
 
 
+def sampling_model(cfg: Config, unet, schedule_config, prepared: dict, path) -> LoadedModel:
+    """The UNet being trained (or benchmarked) with its schedule's sampler and the loaded encoders, ready for
+    `generate_images`."""
+    return LoadedModel(cfg, unet, make_sampler(schedule_config, cfg.sample.sampler), prepared["vae"],
+                       prepared["tokenizer"], prepared["text_model"], Path(path))
+
+
 @torch.no_grad()
 def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, out_dir: Path, step: int):
     """Score the EMA weights with cfg.train.eval_metric; log the figures to eval_log.csv beside the loss log.
     Returns the new best.json content if this step beats the best so far, else None."""
     unet.eval()
     with ema_weights(unet, ema):
-        model = LoadedModel(cfg, unet, make_sampler(noise_scheduler.config, cfg.sample.sampler), prepared["vae"],
-                            prepared["tokenizer"], prepared["text_model"], out_dir)
-        figures = scorer(model)
+        figures = scorer(sampling_model(cfg, unet, noise_scheduler.config, prepared, out_dir))
     unet.train()
     append_csv(out_dir / "eval_log.csv", {"step": step, **figures})
     best = read_best(out_dir / "ckpt_last")
@@ -450,7 +456,7 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list, protect=None) -> Path:
+                    generator: torch.Generator, history: list, protect=()) -> Path:
     """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
@@ -484,7 +490,6 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    protect = protect if isinstance(protect, (set, list, tuple)) else {protect}
     prune_checkpoints(root, cfg.train.keep_last, keep={final, *protect})
     return final
 
