@@ -15,6 +15,11 @@ def test_hw6_preset_builds_the_exact_course_unet():
     assert out.shape == (1, 4, 32, 32)
 
 
+def test_tiny_unet_has_the_documented_size():
+    """4.65 M parameters (README, notebook 03): cross-attention at two levels plus the pooled-text projection."""
+    assert count_params(build_unet(get_preset("tiny"), text_hidden_size=384)) == 4_649_188
+
+
 @pytest.mark.parametrize("name", ["tiny", "reference", "smoke"])
 def test_small_presets_build_and_run(name):
     cfg = get_preset(name)
