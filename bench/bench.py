@@ -8,7 +8,8 @@ both encoders on every step), with the split of a step into data, encoders, UNet
 optimizer; DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls, at
 several batch sizes; the explorer's case (4 images of the reference model); peak memory; on CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
-its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063).
+its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
+--compare_onednn repeats the CPU sampling rows with oneDNN convolutions off.
 --stand_in replaces the hub encoders of the hw6 presets (CLIP B/32 text tower, SD VAE) by random-weight
 models of the same architecture (speed depends on the shapes, not on the weights), with the shapes set
 as data, so the hw6 preset can be timed where the hub is unreachable.
@@ -145,11 +146,14 @@ def main(argv=None) -> None:
     parser.add_argument("--generate", type=int, default=0, help="time generating this many prompts (1063 = course)")
     parser.add_argument("--skip_uncached", action="store_true", help="time the cached training step only")
     parser.add_argument("--also_batch", default="", help="with --flags: also time these micro-batch sizes, e.g. 64,128")
+    parser.add_argument("--compare_onednn", action="store_true",
+                        help="CPU: also time sampling with oneDNN convolutions off (PyTorch's own choice: its native "
+                             "convolution at batch 1, oneDNN above)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     from hw6utils.config import parse_value
     overrides = {k: parse_value(k, v) for k, v in (item.split("=", 1) for item in args.set)}
-    cfg = get_preset(args.preset, device=str(device), output_dir="outputs/bench", eval_freq=0, **overrides)
+    cfg = get_preset(args.preset, **{"device": str(device), "output_dir": "outputs/bench", "eval_freq": 0, **overrides})
     if args.stand_in:
         cfg = apply_overrides(cfg, **stand_in_encoders(cfg, Path(cfg.train.output_dir) / "stand_in"))
     print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
@@ -179,11 +183,20 @@ def main(argv=None) -> None:
     unet.eval()
     scheduler = make_sampler(make_noise_scheduler(cfg).config)
     text = prepared["encode"](["A red circle. It is big and sits in the middle."])
-    for batch in [int(b) for b in args.batches.split(",")]:
-        one = sampling_images_per_s(unet, scheduler, text, prepared["null_text"], batch, args.sample_steps, device, True)
-        two = sampling_images_per_s(unet, scheduler, text, prepared["null_text"], batch, args.sample_steps, device, False)
-        print(f"sampling DDIM {args.sample_steps} steps, batch {batch:3d}: batched CFG {one:7.2f} images/s, "
-              f"two calls {two:7.2f} images/s, ratio {one / two:.2f}x")
+
+    def cfg_rows(label):
+        for batch in [int(b) for b in args.batches.split(",")]:
+            one, two = (sampling_images_per_s(unet, scheduler, text, prepared["null_text"], batch, args.sample_steps,
+                                              device, batched) for batched in (True, False))
+            print(f"{label}, batch {batch:3d}: batched CFG {one:7.2f} images/s, two calls {two:7.2f} images/s, "
+                  f"ratio {one / two:.2f}x")
+    cfg_rows(f"sampling DDIM {args.sample_steps} steps")
+    if args.compare_onednn and device.type == "cpu":
+        torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
+        try:
+            cfg_rows("  oneDNN off")
+        finally:
+            torch.backends.mkldnn.enabled = True
 
     if (REFERENCE_DIR / "hw6_config.json").is_file() and device.type == "cpu":
         from hw6utils.sampling import generate_images

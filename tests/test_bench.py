@@ -1,0 +1,43 @@
+"""bench/bench.py runs end to end on the smoke preset and prints every figure the speed issue asks for."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys):
+    bench.main(["--preset", "smoke", "--device", "cpu", "--train_steps", "3", "--sample_steps", "2",
+                "--batches", "1,2", "--compare_onednn", "--set", f"data_dir={shapes_dir}", f"vae={vae_dir}",
+                f"output_dir={tmp_path / 'bench'}"])
+    out = capsys.readouterr().out
+    speeds = {kind: float(v) for kind, v in re.findall(r"training (cached|uncached)\s*:\s+([\d.]+) images/s", out)}
+    assert set(speeds) == {"cached", "uncached"} and all(v > 0 for v in speeds.values())
+    ratio = float(re.search(r"cache speed-up: ([\d.]+)x", out).group(1))
+    assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], abs=0.01)
+    # the split of a cached step: the encoders take no time at all when the cache is on
+    split = re.search(r"training cached.*\((.*)\)", out).group(1)
+    assert {"data", "encoders", "unet", "optimizer"} <= set(re.findall(r"(\w+) [\d.]+%", split))
+    assert "encoders 0.0%" in split
+    assert re.search(r"UNet parameters: [\d,]+", out)
+    rows = re.findall(r"batch\s+(\d+): batched CFG\s+([\d.]+) images/s, two calls\s+([\d.]+) images/s, ratio ([\d.]+)x",
+                      out)
+    assert [r[0] for r in rows] == ["1", "2", "1", "2"]  # the default rows, then the same with oneDNN off
+    for _, one, two, r in rows:
+        assert float(r) == pytest.approx(float(one) / float(two), abs=0.01)
+    assert "oneDNN off" in out
+    import torch
+    assert torch.backends.mkldnn.enabled  # restored afterwards
+    assert re.search(r"peak resident memory: [\d,]+ MB", out)
+    assert re.search(r"explorer: 4 images of the reference model, DDIM 50 steps: [\d.]+ s", out)
+    assert any((tmp_path / "bench").rglob("*.safetensors"))  # the latent cache went to --set output_dir
