@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export-reference":
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
             p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
+        if name == "generate":
+            p.add_argument("--out", default=None, help="folder for the PNGs [<output_dir>/png_<stage>_<steps>]")
         if name == "sweep":
             p.add_argument("--guidance", default="3,5,7.5", help="guidance scales, comma-separated [3,5,7.5]")
             p.add_argument("--steps", default="15,25,50", help="sampler steps, comma-separated [15,25,50]")
@@ -185,7 +187,7 @@ def run(args) -> int:
     elif args.command == "generate":
         from .sampling import generate
         from .training import pick_device
-        generate(cfg, pick_device(cfg.train.device))
+        generate(cfg, pick_device(cfg.train.device), args.out)
     elif args.command == "evaluate":
         print(evaluate_stage(cfg, cfg.sample.stage))
     elif args.command == "export-reference":

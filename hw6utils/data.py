@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-IMAGE_NAME = re.compile(r"^(\d+)_([A-Za-z]+\d*)_(\d+)\.png$")
+IMAGE_NAME = re.compile(r"^(.+)_([A-Za-z]+\d*)_(\d+)\.(?i:png)$")  # <monsterID>_<ACTION>_<frame>.png
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -166,7 +166,7 @@ def load_test_prompts(path) -> list:
     """[(image_name, text_prompt, entry)] from a course test.json, validated."""
     path = Path(path)
     entries = read_json(path, "test.json")
-    out = []
+    out, used_by = [], {}
     for key, entry in entries.items():
         where = f"{path}: entry {key!r}"
         if not isinstance(entry, dict):
@@ -176,6 +176,10 @@ def load_test_prompts(path) -> list:
             raise ValueError(f"{where}: field 'text_prompt' must be a non-empty string")
         if not isinstance(name, str) or not name.endswith(".png") or Path(name).name != name or name.startswith("."):
             raise ValueError(f"{where}: field 'image_name' must be a plain file name ending in .png, got {name!r}")
+        if name in used_by:
+            raise ValueError(f"{where}: field 'image_name' {name!r} is already used by entry {used_by[name]!r}; "
+                             "each image needs its own name")
+        used_by[name] = key
         out.append((name, prompt, entry))
     return out
 
@@ -203,6 +207,8 @@ def load_image(path, size: int, prep: str = "stretch") -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale: scale to 8 bits (convert would clip)
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             if img.mode in ("RGBA", "LA", "P") or "transparency" in img.info:
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -246,7 +252,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         # a generator per (seed, epoch, index): the same draws in any DataLoader worker, and again after a resume
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
-        image = load_image(self.data.image_paths[index], self.image_size, self.prep)
+        for tried in range(len(self)):  # a corrupt file (found only now when nothing is cached): use the next one
+            try:
+                image = load_image(self.data.image_paths[index], self.image_size, self.prep)
+                break
+            except ValueError as err:
+                warnings.warn(f"{err}; the next image is used in its place", stacklevel=2)
+                index = (index + 1) % len(self)
+        else:
+            raise ValueError(f"{self.data.root}: every training image is unreadable")
         if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
         caption = rng.choice(self.data.captions[self.data.image_keys[index]])

@@ -63,10 +63,14 @@ def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+    limit = getattr(model.config, "max_position_embeddings", None)  # CLIP: 77, BERT-style models: 512
+    if limit and max_length > limit:
+        raise ValueError(f"max_text_len {max_length} is more than the text encoder's limit of {limit} tokens")
     too_long = count_too_long(tokenizer, prompts, max_length)
     if too_long:
+        hint = "the text encoder's limit" if max_length == limit else f"raise max_text_len (up to {limit}) to keep them whole"
         warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
-                      "truncated (raise max_text_len to keep them whole)", stacklevel=2)
+                      f"truncated ({hint})", stacklevel=2)
     tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                        return_tensors="pt").to(model.device)
     out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)

@@ -88,14 +88,21 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     text = {k: v.to(device) for k, v in text.items()}
     null_text = {k: v.to(device) for k, v in null_text.items()}
     scheduler.set_timesteps(num_inference_steps, device=device)
-    step_generator = torch.Generator(device).manual_seed(int(seeds[0])) if eta > 0 else None
+    # eta > 0 adds fresh noise at every DDIM step: one generator per image (seeded apart from x_T's), so an
+    # image still depends on its own seed alone
+    step_generators = [torch.Generator().manual_seed(int(s) + (1 << 32)) for s in seeds] if eta > 0 else None
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
             noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
-        extra = {"eta": eta, "generator": step_generator} if isinstance(scheduler, DDIMScheduler) else {}
+        extra = {}
+        if isinstance(scheduler, DDIMScheduler):
+            extra["eta"] = eta
+            if step_generators:
+                extra["variance_noise"] = torch.stack([torch.randn(latents.shape[1:], generator=g)
+                                                       for g in step_generators]).to(device)
         out = scheduler.step(noise_pred, t, latents, **extra)
         latents = out.prev_sample
         if callback is not None:
@@ -134,7 +141,7 @@ def resolve_checkpoint(stage: str, output_dir: str = "outputs") -> Path:
         if stage != "last":
             found = [p for p in found if p.name == f"unet_sch_{int(stage)}"]
         if not found:
-            raise FileNotFoundError(f"{root}: no complete checkpoint {'' if stage == 'last' else 'for step ' + stage}"
+            raise FileNotFoundError(f"{root}: no complete checkpoint {'' if stage == 'last' else f'for step {stage}'}"
                                     " (train first: `hw6 train`, or use --stage reference)")
         path = found[-1]
     else:
@@ -200,14 +207,55 @@ def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_sca
     return images
 
 
+def generation_record(model: LoadedModel, cfg: Config, entries: list) -> dict:
+    """What an output folder's images depend on: the weights (folder, file size and time), the sampling settings
+    and each image's prompt. Kept beside the folder (not in it: the course wants nothing but the PNGs there)."""
+    s = cfg.sample
+    weights = sorted(model.path.rglob("*.safetensors"))
+    return {"checkpoint": str(model.path.resolve()),
+            "weights": [f"{p.relative_to(model.path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in weights],
+            "use_ema": s.use_ema, "sampler": s.sampler, "num_inference_steps": s.num_inference_steps,
+            "guidance_scale": s.guidance_scale, "eta": s.eta, "sample_seed": s.sample_seed,
+            "prompts": {name: prompt for name, prompt, _ in entries}}
+
+
+def check_generation_record(out: Path, record_path: Path, record: dict) -> None:
+    """Refuse to mix images made another way into a folder that already holds some (nothing is overwritten)."""
+    present = [p.name for p in out.glob("*.png")]
+    if not present or not record_path.is_file():
+        if present:
+            print(f"note: {out} already holds {len(present)} PNG(s) with no record of how they were made; kept")
+        return
+    old = json.loads(record_path.read_text())
+    for key, value in record.items():
+        if key == "prompts":
+            changed = [n for n in present if n in value and old.get(key, {}).get(n, value[n]) != value[n]]
+            if changed:
+                raise ValueError(f"{out}: {len(changed)} image(s), e.g. {changed[0]}, were made for other prompts "
+                                 f"(see {record_path}); remove the folder or choose another (--out)")
+        elif old.get(key) != value:
+            raise ValueError(f"{out}: its {len(present)} image(s) were made with {key} {old.get(key)!r}, not "
+                             f"{value!r} (see {record_path}); remove the folder or choose another (--out)")
+
+
 def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
-    """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>; existing PNGs are kept."""
+    """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>.
+
+    PNGs already there are kept, so an interrupted run resumes; `<folder>.json` beside the folder records the
+    weights, settings and prompts, and a run with different ones is refused rather than mixed in.
+    """
     s = cfg.sample
     entries = load_test_prompts(test_json_path(cfg))
     model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema, s.sampler)
     stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
     suffix = "" if s.sampler == "ddim" else f"_{s.sampler}"
     out = ensure_writable_dir(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}{suffix}")
+    record_path, record = out.with_name(out.name + ".json"), generation_record(model, cfg, entries)
+    check_generation_record(out, record_path, record)
+    if record_path.is_file():  # keep the prompts of images made earlier that this test.json no longer names
+        record["prompts"] = {**json.loads(record_path.read_text()).get("prompts", {}), **record["prompts"]}
+    record_path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    record_path.with_suffix(".tmp").replace(record_path)
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]
     start = time.time()
     images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],

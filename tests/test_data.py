@@ -52,6 +52,13 @@ def test_loader_reads_keys_with_digits_and_warns_about_orphans(tmp_path):
     assert data.captions["3_attack12"] == ["Gray vulture monster with wings. The monster is being hit."]
 
 
+def test_monster_ids_with_letters_or_underscores_and_upper_case_png(tmp_path):
+    info = {"m_1_main": {**ENTRY, "action_description": ""}, "abc_move": ENTRY}
+    root = write_course(tmp_path / "d", info, ["m_1_main_0.png", "abc_move_12.PNG"])
+    data = load_course_data(root)
+    assert sorted(data.image_keys) == ["abc_move", "m_1_main"]
+
+
 @pytest.mark.parametrize("entry, message", [
     ({"action_description": ""}, "field 'given_description' must be a non-empty list"),
     ({"given_description": [], "action_description": ""}, "field 'given_description' must be a non-empty list"),
@@ -87,6 +94,10 @@ def test_test_json_validation(tmp_path):
         path.write_text(json.dumps({"7": entry}))
         with pytest.raises(ValueError, match=f"entry '7': field '{field}'"):
             load_test_prompts(path)
+    path.write_text(json.dumps({"0": {"text_prompt": "a", "image_name": "x.png"},
+                                "1": {"text_prompt": "b", "image_name": "x.png"}}))
+    with pytest.raises(ValueError, match="entry '1': field 'image_name' 'x.png' is already used by entry '0'"):
+        load_test_prompts(path)
 
 
 def test_images_are_converted_resized_and_scaled(tmp_path):
@@ -98,6 +109,11 @@ def test_images_are_converted_resized_and_scaled(tmp_path):
     assert white.shape == (3, 16, 16) and torch.allclose(white, torch.ones_like(white))
     assert load_image(tmp_path / "g.png", 16).min() == -1.0
     assert load_image(tmp_path / "p.png", 16).shape == (3, 16, 16)
+    import numpy as np
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")  # 16-bit grey: 46% grey
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    grey = load_image(tmp_path / "g16.png", 8)
+    assert torch.allclose(grey, torch.full_like(grey, round(30000 / 257) / 127.5 - 1))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ValueError, match="bad.png: unreadable or corrupt image"):
         load_image(tmp_path / "bad.png", 16)
@@ -114,6 +130,23 @@ def test_dataset_draws_captions_afresh(shapes_dir):
     assert captions == set(data.captions[data.image_keys[0]])
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1
+
+
+
+def test_uncached_dataset_uses_the_next_image_in_place_of_a_corrupt_one(shapes_dir, tmp_path):
+    import shutil
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_dir, root)
+    data = load_course_data(root)
+    dataset = ImageCaptionDataset(data, 32)
+    data.image_paths[0].write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="unreadable or corrupt image.*the next image is used in its place"):
+        image, caption = dataset[0]
+    assert torch.equal(image, dataset[1][0]) and caption in data.captions[data.image_keys[1]]
+    for path in data.image_paths:
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="every training image is unreadable"), pytest.warns(UserWarning):
+        dataset[0]
 
 
 def test_emoji_builder_writes_the_course_format(tmp_path):

@@ -15,6 +15,10 @@ def test_minilm_loads_offline_from_its_local_path():
     with pytest.warns(UserWarning, match="1 of 2 prompt\\(s\\) are longer than 20 tokens and were truncated"):
         long = encode_text(tokenizer, model, ["word " * 100, "short"], max_length=20)
     assert long["emb"].shape == (2, 20, 384)  # truncated to max_length
+    with pytest.raises(ValueError, match="max_text_len 600 is more than the text encoder's limit of 512 tokens"):
+        encode_text(tokenizer, model, ["short"], max_length=600)
+    with pytest.warns(UserWarning, match="truncated \\(the text encoder's limit\\)"):
+        encode_text(tokenizer, model, ["word " * 600], max_length=512)
 
 
 def test_a_clip_text_model_loads_through_the_same_call(tmp_path):

@@ -65,6 +65,17 @@ def test_sampling_is_deterministic_per_seed_and_in_range(parts):
     assert not torch.allclose(first[0], sample(unet, sampler, vae, {k: v[:1] for k, v in text.items()}, null, [9], 4.0, 5)[0])
 
 
+def test_stochastic_ddim_still_depends_on_the_seed_alone(parts):
+    cfg, unet, vae, encode = parts
+    sampler = make_sampler(make_noise_scheduler(cfg).config)
+    text, null = encode(["A red circle.", "A blue star."]), encode([""])
+    both = sample(unet, sampler, vae, text, null, [7, 8], 4.0, 5, eta=1.0)
+    alone = sample(unet, sampler, vae, {k: v[1:] for k, v in text.items()}, null, [8], 4.0, 5, eta=1.0)
+    assert torch.allclose(both[1:], alone, atol=1e-5)
+    assert torch.equal(both, sample(unet, sampler, vae, text, null, [7, 8], 4.0, 5, eta=1.0))
+    assert not torch.allclose(both, sample(unet, sampler, vae, text, null, [7, 8], 4.0, 5, eta=0.0), atol=1e-3)
+
+
 def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
     cfg = apply_overrides(smoke_cfg, max_steps=1, eval_freq=0)
     train(cfg, progress=False)
@@ -78,6 +89,21 @@ def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
     before = (out / "1_main.png").stat().st_mtime_ns
     generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
     assert (out / "1_main.png").stat().st_mtime_ns == before  # existing images are kept (resumable)
+    (out / "2_main.png").unlink()  # an interrupted run: only the missing image is made again
+    generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
+    assert (out / "2_main.png").is_file() and (out / "1_main.png").stat().st_mtime_ns == before
+    # other settings, weights or prompts would mix images made two ways: refused, nothing overwritten
+    with pytest.raises(ValueError, match=r"png_1_3: its 3 image\(s\) were made with guidance_scale 7.5, not 9.0"):
+        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3, guidance_scale=9.0),
+                 progress=False)
+    test_json.write_text(json.dumps({"0": {"text_prompt": "A green star.", "image_name": "0_main.png"}}))
+    with pytest.raises(ValueError, match=r"1 image\(s\), e.g. 0_main.png, were made for other prompts"):
+        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
+    train(apply_overrides(cfg, max_steps=1, ckpt_path=""), progress=False)  # a new run that reaches the same step
+    test_json.write_text(json.dumps({"0": {"text_prompt": "A red circle.", "image_name": "0_main.png"}}))
+    with pytest.raises(ValueError, match="were made with weights"):
+        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
+    assert (out / "1_main.png").stat().st_mtime_ns == before
     assert load_model("last", cfg.train.output_dir).cfg.train.noise_schedule == "squaredcos_cap_v2"
 
 

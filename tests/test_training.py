@@ -91,3 +91,7 @@ def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp
     assert mean.shape[1] == first.shape[1] - 1 == len(data.image_paths) == len(data.image_keys)
     assert victim not in data.image_paths
     assert len(list((Path(cfg.train.output_dir) / "cache").iterdir())) == 2
+    with torch.no_grad():  # the same VAE name and config with other weights (a fine-tuned VAE): rebuilt too
+        next(vae.parameters()).mul_(1.01)
+    assert not torch.equal(cache_latents(load_course_data(data_dir), vae, cfg)[0], mean)
+    assert len(list((Path(cfg.train.output_dir) / "cache").iterdir())) == 3
