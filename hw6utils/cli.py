@@ -13,7 +13,7 @@ from .config import PRESETS, field_help, get_preset, parse_value
 CONFIG_COMMANDS = {
     "train": "train the UNet (resume with --ckpt_path last)",
     "train-vae": "train the small offline autoencoder",
-    "generate": "generate one PNG per test.json prompt into outputs/png_<stage>_<steps>/",
+    "generate": "generate one PNG per test.json prompt into <output_dir>/png_<stage>_<steps>[_<sampler>]/ (or --out)",
     "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
     "demo": "build the shapes set, train from scratch, and score it beside the reference model",
     "export-reference": "copy a checkpoint's EMA UNet (fp16), schedule and config into data/reference/",
@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--out", default=None, help="folder for the PNGs [<output_dir>/png_<stage>_<steps>]")
         if name == "sweep":
-            p.add_argument("--guidance", default="3,5,7.5", help="guidance scales, comma-separated [3,5,7.5]")
+            p.add_argument("--guidance", default="2,3,5", help="guidance scales, comma-separated [2,3,5]")
             p.add_argument("--steps", default="15,25,50", help="sampler steps, comma-separated [15,25,50]")
             p.add_argument("--samplers", default=None, help="ddim and/or dpmpp, comma-separated [--sampler's]")
-            p.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+            p.add_argument("--limit", type=non_negative, default=0, help="use only the first N prompts (0 = all)")
             p.add_argument("--out", default=None, help="folder for sweep.csv/.json/.md [<output_dir>/sweep_<stage>]")
             course = p.add_argument_group("course data: score with FID and CLIP instead of the shapes check "
                                           "(prompts from --test-json, default <data_dir>/test.json)")
@@ -206,7 +206,11 @@ def notebook_parameters(args) -> dict:
 
     from .notebooks import load_parameters
     parameters = load_parameters(args.parameters_file)
-    parameters.update({name: yaml.safe_load(value) for name, value in args.parameter})
+    for name, value in args.parameter:
+        try:
+            parameters[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"-p {name}: value {value!r} is not valid YAML (quote strings)") from None
     return parameters
 
 
@@ -261,30 +265,59 @@ def sweep_stage(cfg, args) -> str:
     return f"{name}, {len(prompts)} prompts (sweep.csv, sweep.json, sweep.md in {out}):\n{table}"
 
 
+def non_negative(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def comma_list(text: str, kind, flag: str) -> list:
     """'3,5,7.5' -> [3.0, 5.0, 7.5] (kind float); a bad or empty item is a one-line error naming the flag."""
     items = [item.strip() for item in str(text).split(",")]
     try:
         if all(items):
-            return [kind(item) for item in items]
+            values = [kind(item) for item in items]
+            if kind is str or all(v >= (1 if kind is int else 0) for v in values):
+                return values
     except ValueError:
         pass
-    raise ValueError(f"{flag} expects comma-separated {kind.__name__} values, got {text!r}")
+    what = {int: "whole numbers of at least 1", float: "numbers >= 0"}.get(kind, f"{kind.__name__} values")
+    raise ValueError(f"{flag} expects comma-separated {what}, got {text!r}")
 
 
 def export_reference(ckpt: Path, out: Path) -> None:
-    """Ship a checkpoint as the reference model: EMA UNet in fp16, the noise schedule, the config."""
+    """Ship a checkpoint as the reference model: EMA UNet in fp16, the noise schedule, the config.
+
+    Everything is written into a staging folder first; the old unet/, scheduler/ and hw6_config.json in `out` are
+    replaced only once all three are complete (a failure leaves `out` as it was; vae/ is never touched)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from .config import apply_overrides, load_config, save_config
 
-    unet_dir = ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(torch.float16)
-    unet.save_pretrained(out / "unet")
-    shutil.copytree(ckpt / "scheduler", out / "scheduler", dirs_exist_ok=True)
     cfg = load_config(ckpt / "hw6_config.json")
-    save_config(apply_overrides(cfg, vae="reference"), out / "hw6_config.json")
+    if not (ckpt / "scheduler" / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"{ckpt / 'scheduler'}: the checkpoint has no noise schedule (scheduler_config.json)")
+    unet_dir = ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt
+    stage = out / ".export.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(torch.float16)
+        unet.save_pretrained(stage / "unet")
+        shutil.copytree(ckpt / "scheduler", stage / "scheduler")
+        save_config(apply_overrides(cfg, vae="reference"), stage / "hw6_config.json")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for name in ("unet", "scheduler", "hw6_config.json"):
+        old = out / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (out / name).exists():
+            (out / name).rename(old)
+        (stage / name).rename(out / name)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    stage.rmdir()
     print(f"exported {ckpt} to {out}")
 
 

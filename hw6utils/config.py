@@ -143,9 +143,9 @@ def field_owner() -> dict[str, str]:
 
 
 def field_help() -> dict[str, tuple]:
-    """name -> (default, help) for every field, in declaration order (used by the CLI)."""
+    """name -> (the tiny preset's value, help) for every field, in declaration order (used by the CLI)."""
     out = {}
-    cfg = Config()
+    cfg = PRESETS["tiny"]()
     for stage in STAGES:
         for f in dataclasses.fields(getattr(cfg, stage)):
             out[f.name] = (getattr(getattr(cfg, stage), f.name), f.metadata.get("help", ""))
@@ -165,7 +165,35 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
             value = tuple(value)
         per_stage.setdefault(owner[name], {})[name] = value
     changes = {stage: dataclasses.replace(getattr(cfg, stage), **kw) for stage, kw in per_stage.items()}
-    return dataclasses.replace(cfg, **changes)
+    out = dataclasses.replace(cfg, **changes)
+    check_values(out)
+    return out
+
+
+CHOICES = {"lr_schedule": ("cosine", "constant"), "prediction_type": ("epsilon", "v_prediction"),
+           "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "mixed_precision": ("bf16", "no"),
+           "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
+AT_LEAST_ONE = ("image_size", "max_text_len", "max_steps", "batch_size", "grad_accum", "num_train_timesteps",
+                "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size", "vae_steps",
+                "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
+AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
+                 "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr", "vae_kl_weight")
+BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
+
+
+def check_values(cfg: Config) -> None:
+    """One-line errors for values that would fail later and obscurely (a zero batch, a misspelt choice)."""
+    values = {f.name: getattr(getattr(cfg, stage), f.name)
+              for stage in STAGES for f in dataclasses.fields(getattr(cfg, stage))}
+    for name, allowed in CHOICES.items():
+        if values[name] not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {values[name]!r}")
+    for names, ok, what in ((AT_LEAST_ONE, lambda v: v >= 1, "at least 1"), (AT_LEAST_ZERO, lambda v: v >= 0, ">= 0"),
+                            (BELOW_ONE, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))
+                                   or not ok(values[name])):
+                raise ValueError(f"{name} must be a number {what}; got {values[name]!r}")
 
 
 def _tiny() -> Config:
@@ -245,10 +273,17 @@ def save_config(cfg: Config, path) -> None:
 
 
 def load_config(path) -> Config:
+    """A Config saved with save_config; a malformed file is a one-line error naming it."""
     try:
-        return config_from_dict(json.loads(Path(path).read_text()))
+        saved = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(stage, {}), dict) for stage in STAGES):
+        raise ValueError(f"{path}: expected an object with the sections {', '.join(STAGES)}")
+    try:
+        return config_from_dict(saved)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def parse_value(name: str, text: str):
@@ -262,7 +297,11 @@ def parse_value(name: str, text: str):
         raise ValueError(f"--{name} expects true or false, got {text!r}")
     if isinstance(default, tuple):
         items = [s.strip() for s in text.split(",") if s.strip()]
-        return tuple(int(s) if s.lstrip("-").isdigit() else s for s in items)
+        if default and all(isinstance(v, int) for v in default):
+            if not all(s.isdigit() for s in items):
+                raise ValueError(f"--{name} expects comma-separated whole numbers, got {text!r}")
+            return tuple(int(s) for s in items)
+        return tuple(items)
     try:
         return type(default)(text)
     except ValueError:

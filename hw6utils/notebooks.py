@@ -28,7 +28,10 @@ def load_parameters(parameters) -> dict:
         return dict(parameters or {})
     import yaml
 
-    loaded = yaml.safe_load(Path(parameters).read_text())
+    try:
+        loaded = yaml.safe_load(Path(parameters).read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{parameters}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{parameters}: expected a YAML mapping of parameter names to values")
     return loaded

@@ -141,7 +141,7 @@ def resolve_checkpoint(stage: str, output_dir: str = "outputs") -> Path:
         if stage != "last":
             found = [p for p in found if p.name == f"unet_sch_{int(stage)}"]
         if not found:
-            raise FileNotFoundError(f"{root}: no complete checkpoint {'' if stage == 'last' else f'for step {stage}'}"
+            raise FileNotFoundError(f"{root}: no complete checkpoint{'' if stage == 'last' else f' for step {stage}'}"
                                     " (train first: `hw6 train`, or use --stage reference)")
         path = found[-1]
     else:
@@ -183,8 +183,14 @@ def load_model(stage: str = "reference", output_dir: str = "outputs", device="cp
     unet_dir = path / "ema" if use_ema and (path / "ema").is_dir() else path
     if not (unet_dir / "config.json").is_file() and (path / "unet").is_dir():
         unet_dir = path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no UNet in the checkpoint (config.json in it, ema/ or unet/)")
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(device).eval()
-    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_path = path / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(scheduler_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{scheduler_path}: cannot read the noise schedule ({err})") from None
     tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
     vae = load_vae(cfg.encoders.vae, cfg.encoders.vae_subfolder, device)
     return LoadedModel(cfg, unet, make_sampler(scheduler_config, sampler), vae, tokenizer, text_model, path)

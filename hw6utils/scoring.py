@@ -14,7 +14,6 @@ CLIP runs through transformers' `CLIPModel` (`openai/clip-vit-base-patch32` hold
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -308,21 +307,34 @@ def sweep_scorer(test_json, stats_dir, out_dir, reference_dir=None, extractor=No
 def package_submission(student_id: str, images_dir, test_json, out_dir=".", report=None, model_note: str = "",
                        code_root=None) -> Path:
     """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: the code, `results/` (the PNGs), `MODEL.md`
-    (where the model lives) and the report if given. Refuses, listing every problem, if the images would be
-    rejected by the scorer."""
-    import zipfile
-
+    (where the model lives) and the report if given. Refuses, naming the problems (the first five), if the
+    images would be rejected by the scorer."""
     if not student_id or not str(student_id).replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"student id must be letters, digits, '-' or '_', got {student_id!r}")
     problems = check_submission(images_dir, test_json)
     if problems:
-        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s): " + "; ".join(problems))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s): " + "; ".join(problems[:5]) + more)
+    if report is not None and not Path(report).is_file():
+        raise FileNotFoundError(f"{report}: report not found")
     code_root = Path(code_root) if code_root else Path(__file__).resolve().parent.parent
     top = f"hw6_{student_id}"
     out = Path(out_dir) / f"{top}.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+    try:
+        write_zip(tmp, top, code_root, images_dir, test_json, report, model_note)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out
+
+
+def write_zip(zip_path: Path, top: str, code_root: Path, images_dir, test_json, report, model_note: str) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
         for pattern in ("hw6utils/*.py", "notebooks/*.ipynb", "README.md", "pyproject.toml", "Makefile", "environment.yml"):
             for path in sorted(code_root.glob(pattern)):
                 archive.write(path, f"{top}/code/{path.relative_to(code_root)}")
@@ -332,5 +344,3 @@ def package_submission(student_id: str, images_dir, test_json, out_dir=".", repo
                                                                         "see the code's README to retrain it.") + "\n")
         if report is not None:
             archive.write(report, f"{top}/{Path(report).name}")
-    tmp.replace(out)
-    return out

@@ -33,9 +33,15 @@ from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sa
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
-    return torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}")
+    return device
 
 
 def autocast(device: torch.device, mixed_precision: str):
@@ -124,8 +130,9 @@ def cache_latents(data, vae, cfg: Config):
             stds.append(torch.cat([s for _, s in parts]).cpu())
         saved = {"mean": torch.stack(means).contiguous(), "std": torch.stack(stds).contiguous(), "kept": torch.tensor(kept)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(saved, str(path) + ".tmp")
-        Path(str(path) + ".tmp").replace(path)
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # torchrun ranks may build the same cache at once
+        save_file(saved, str(tmp))
+        tmp.replace(path)
     data.image_paths, data.image_keys = [all_paths[i] for i in kept], [all_keys[i] for i in kept]
     return saved["mean"], saved["std"]
 
@@ -238,15 +245,20 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
     unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
     noise_scheduler = make_noise_scheduler(cfg)
-    lr_scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps,
-                                 num_training_steps=t.max_steps)
+    # diffusers' plain "constant" ignores the warm-up; "constant_with_warmup" is the constant rate after it
+    lr_scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
+                                 num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
     scorer = training_scorer(cfg) if main_process else None  # loads its networks now: a missing file fails early
     generator = torch.Generator().manual_seed(t.seed)
-    start_step, history = 0, []
+    start_step, history, window = 0, [], []
     resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
     if resume_from is not None:
-        start_step, history = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator)
+        start_step, history, window = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator,
+                                                          t.lr, t.weight_decay)
+        if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
+            for log in (out_dir / "loss_log.csv", out_dir / "eval_log.csv"):
+                truncate_csv(log, start_step)
     elif main_process:
         archive_previous_run(out_dir)
     if "dataset" in prepared:
@@ -261,7 +273,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
 
     bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps,
                disable=not (progress and main_process))
-    window, tick = [], time.time()
+    tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
     with stop_on_interrupt() as interrupted:
         for step in bar:
             for micro in range(t.grad_accum):
@@ -276,8 +288,10 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                     # divide by grad_accum so the summed gradients equal the big-batch mean
                     (loss / t.grad_accum).backward()
                 window.append(loss.item())
+                timed += 1
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
+            lr_used = lr_scheduler.get_last_lr()[0]
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -287,13 +301,13 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             if done % t.log_freq == 0 or done == t.max_steps:
                 elapsed = time.time() - tick
                 record = {"step": done, "loss": mean_over_ranks(sum(window) / len(window), world),
-                          "lr": lr_scheduler.get_last_lr()[0],
-                          "images_per_s": len(window) * t.batch_size * world / max(elapsed, 1e-9)}
+                          "lr": lr_used,
+                          "images_per_s": timed * t.batch_size * world / max(elapsed, 1e-9)}
                 history.append(record)
                 if main_process:
                     append_csv(out_dir / "loss_log.csv", record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                window, tick = [], time.time()
+                window, tick, timed = [], time.time(), 0
             stop = interrupted() if world == 1 else mean_over_ranks(float(interrupted()), world) > 0  # all ranks agree
             new_best = None
             if main_process and t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
@@ -303,7 +317,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             if main_process and (done % t.save_freq == 0 or done == t.max_steps or stop or new_best):
                 best = read_best(out_dir / "ckpt_last")
                 save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator,
-                                history, protect={resume_from, best and best["path"]})
+                                history, protect={resume_from, best and best["path"]}, window=window)
                 if new_best:  # written after its checkpoint is complete
                     write_json_atomic(out_dir / "ckpt_last" / "best.json", new_best)
             if stop:
@@ -413,6 +427,17 @@ def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: 
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows of a log after `step` (kept in <log>.bak), so that a resume does not log a step twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    if len(kept) < len(lines):
+        path.with_name(path.name + ".bak").write_text("".join(lines))
+        path.write_text("".join(kept))
+
+
 def append_csv(path: Path, record: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -459,12 +484,12 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list, protect=()) -> Path:
+                    generator: torch.Generator, history: list, protect=(), window=()) -> Path:
     """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
     the EMA weights), scheduler/ (the noise schedule), hw6_config.json, and training_state.pt (optimizer,
-    LR scheduler, step, RNG states, history).
+    LR scheduler, step, RNG states, history, and the losses of the steps since the last log line).
     """
     root = Path(out_dir) / "ckpt_last"
     final = root / f"unet_sch_{step}"
@@ -480,10 +505,11 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         save_config(cfg, tmp / "hw6_config.json")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "ema_optimization_step": ema.optimization_step if ema is not None else 0,
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                    "loss_window": list(window)},
                    tmp / "training_state.pt")
-    except OSError as err:  # e.g. a full disk: drop the partial copy, keep every complete checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as err:  # a full disk shows as OSError, SafetensorError or torch's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # drop the partial copy, keep every complete checkpoint
         raise OSError(f"{final}: could not write the checkpoint ({err}); earlier checkpoints are untouched") from err
     if final.exists():
         old = root / f"unet_sch_{step}.del"
@@ -498,7 +524,10 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
-    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from, best)."""
+    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from, best),
+    and the partial folders of a run killed while writing (.tmp) or deleting (.del)."""
+    for leftover in [*root.glob("unet_sch_*.del"), *root.glob("unet_sch_*.tmp")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep_last <= 0:
         return
     protected = {Path(p).resolve() for p in keep if p is not None}
@@ -509,8 +538,6 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
             doomed = path.with_name(path.name + ".del")
             path.rename(doomed)
             shutil.rmtree(doomed)
-    for leftover in root.glob("unet_sch_*.del"):  # from a run killed while deleting
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def archive_previous_run(out_dir: Path) -> None:
@@ -541,8 +568,12 @@ def resolve_resume(ckpt_path: str, out_dir: Path) -> Path:
     return path
 
 
-def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator) -> tuple:
-    """Restore everything save_checkpoint wrote; returns (step, history)."""
+def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator, lr: float | None = None,
+                        weight_decay: float | None = None) -> tuple:
+    """Restore everything save_checkpoint wrote; returns (step, history, losses not yet logged).
+
+    lr and weight_decay, when given, replace the saved ones (a resume with a new --lr uses it from the next step,
+    along the same schedule)."""
     from diffusers import UNet2DConditionModel
 
     saved = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
@@ -557,6 +588,13 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    for i, group in enumerate(optimizer.param_groups):
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        if lr is not None:  # the schedule multiplies base_lrs by a factor of the step: swap the base, redo the rate
+            group["initial_lr"] = lr_scheduler.base_lrs[i] = lr
+            group["lr"] = lr * lr_scheduler.lr_lambdas[i](lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if ema is not None:
         ema_unet = UNet2DConditionModel.from_pretrained(path / "ema", torch_dtype=torch.float32)
         ema.shadow_params = [p.detach().clone().to(unet.device) for p in ema_unet.parameters()]
@@ -564,7 +602,7 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed from {path} at step {state['step']}")
-    return state["step"], list(state["history"])
+    return state["step"], list(state["history"]), list(state.get("loss_window", []))
 
 
 # ----------------------------------------------------------------------------------------------- the small VAE

@@ -38,3 +38,51 @@ def test_score_without_torchvision_or_weights_is_one_clear_line(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "inception.pth: Inception weights not found" in err
+
+
+def test_export_reference_replaces_the_model_whole_or_not_at_all(smoke_cfg, tmp_path, capsys):
+    import json
+    import shutil
+
+    from hw6utils.config import apply_overrides, load_config
+    from hw6utils.training import train
+    cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
+    train(cfg, progress=False)
+    out = tmp_path / "reference"
+    (out / "vae").mkdir(parents=True)
+    (out / "vae" / "kept.txt").write_text("the autoencoder is not the export's business")
+    (out / "hw6_config.json").write_text("{}")
+    assert main(["export-reference", "--preset", "smoke", "--output_dir", cfg.train.output_dir, "--out", str(out)]) == 0
+    assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "vae" / "kept.txt").is_file()
+    assert load_config(out / "hw6_config.json").encoders.vae == "reference"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken"
+    shutil.copytree(f"{cfg.train.output_dir}/ckpt_last/unet_sch_2", broken)
+    shutil.rmtree(broken / "scheduler")
+    assert main(["export-reference", "--from_checkpoint", str(broken), "--out", str(out)]) == 2
+    assert "has no noise schedule" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--num_inference_steps", "0"], "num_inference_steps must be a number at least 1; got 0"),
+    (["train", "--block_out_channels", "a,b"], "--block_out_channels expects comma-separated whole numbers"),
+    (["train", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
+    (["sweep", "--stage", "reference", "--steps", "0"], "--steps expects comma-separated whole numbers of at least 1"),
+    (["run-notebooks", "-p", "X", "[1"], "-p X: value '[1' is not valid YAML"),
+])
+def test_bad_values_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert main(argv + ["--output_dir", str(tmp_path)] if argv[0] != "run-notebooks" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_a_malformed_checkpoint_config_is_named(tmp_path, capsys):
+    from hw6utils.config import load_config
+    for text, message in [('{"train": 5}', "expected an object with the sections"),
+                          ('{"train": {"nope": 1}}', "unknown config key(s) ['nope']"), ("[]", "expected an object")]:
+        (tmp_path / "hw6_config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"hw6_config.json: ") as err:
+            load_config(tmp_path / "hw6_config.json")
+        assert message in str(err.value)

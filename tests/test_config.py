@@ -32,6 +32,33 @@ def test_command_line_values_take_the_field_type():
     assert parse_value("block_out_channels", "8,16") == (8, 16)
     with pytest.raises(ValueError, match="--max_steps expects a int, got 'ten'"):
         parse_value("max_steps", "ten")
+    assert parse_value("down_block_types", "DownBlock2D, CrossAttnDownBlock2D") == ("DownBlock2D", "CrossAttnDownBlock2D")
+    with pytest.raises(ValueError, match="--block_out_channels expects comma-separated whole numbers, got '16,abc'"):
+        parse_value("block_out_channels", "16,abc")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size must be a number at least 1; got 0"),
+    ("grad_accum", 0, "grad_accum must be a number at least 1"),
+    ("log_freq", 0, "log_freq must be a number at least 1"),
+    ("save_freq", 0, "save_freq must be a number at least 1"),
+    ("lr", -1e-3, "lr must be a number >= 0"),
+    ("ema_decay", 1.0, r"ema_decay must be a number in \[0, 1\)"),
+    ("cond_drop_prob", "0.1", r"cond_drop_prob must be a number in \[0, 1\); got '0.1'"),
+    ("prediction_type", "v-prediction", "prediction_type must be one of 'epsilon', 'v_prediction'; got 'v-prediction'"),
+    ("lr_schedule", "linear", "lr_schedule must be one of 'cosine', 'constant'"),
+    ("sampler", "euler", "sampler must be one of 'ddim', 'dpmpp'"),
+])
+def test_bad_values_are_named_at_once(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("tiny", **{field: value})
+
+
+def test_help_shows_the_tiny_presets_values():
+    from hw6utils.config import field_help
+    tiny = get_preset("tiny")
+    assert field_help()["max_steps"][0] == tiny.train.max_steps == 2600
+    assert field_help()["guidance_scale"][0] == tiny.sample.guidance_scale == 2.0
 
 
 def test_hw6_preset_is_the_course_setting():

@@ -239,3 +239,7 @@ def test_package_writes_the_course_zip_and_refuses_bad_folders(tmp_path):
     assert {"hw6_b12345/results/0_main.png", "hw6_b12345/results/1_hit.png", "hw6_b12345/MODEL.md",
             "hw6_b12345/report.pdf", "hw6_b12345/code/hw6utils/training.py"} <= set(names)
     assert any(n.startswith("hw6_b12345/code/notebooks/") for n in names)
+    before = (tmp_path / "hw6_b12345.zip").read_bytes()
+    assert main(["package", "--student-id", "b12345", "--images", str(images), "--test-json", str(test_json),
+                 "--out", str(tmp_path), "--report", str(tmp_path / "missing.pdf")]) == 2
+    assert (tmp_path / "hw6_b12345.zip").read_bytes() == before and not list(tmp_path.glob("*.tmp"))

@@ -54,8 +54,8 @@ def test_shapes_sweep_through_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--samplers", "ddim,euler"], "sampler must be 'ddim' or 'dpmpp'"),
-                                            (["--steps", "5,x"], "--steps expects comma-separated int values"),
-                                            (["--guidance", "3,,5"], "--guidance expects comma-separated float")])
+                                            (["--steps", "5,x"], "--steps expects comma-separated whole numbers of at least 1"),
+                                            (["--guidance", "3,,5"], "--guidance expects comma-separated numbers >= 0")])
 def test_sweep_refuses_bad_grids_in_one_line(flags, message, tmp_path, capsys):
     assert main(["sweep", "--stage", "reference", "--out", str(tmp_path / "sweep"), "--limit", "1", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -51,6 +51,38 @@ def test_resume_continues_exactly(smoke_cfg, cached):
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight], rel=1e-5)
 
 
+def test_resume_logs_like_an_uninterrupted_run_and_takes_a_new_lr(smoke_cfg):
+    """log_freq 3 with checkpoints every 2 steps: the losses since the last log line travel in the checkpoint, so
+    the resumed step-6 line equals the uninterrupted one; a resume in the same folder logs no step twice; and
+    a new --lr / --weight_decay replaces the saved ones along the same schedule."""
+    import csv
+    import math
+    cfg = apply_overrides(smoke_cfg, max_steps=6, save_freq=2, log_freq=3, keep_last=0, eval_freq=0, batch_size=4)
+    prepared = prepare_data(cfg, pick_device("cpu"))
+    straight = train(cfg, prepared, progress=False)
+    out = Path(cfg.train.output_dir)
+    resumed = train(apply_overrides(cfg, ckpt_path=str(out / "ckpt_last/unet_sch_4")), prepared, progress=False)
+    assert [h["step"] for h in resumed] == [3, 6]
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-5)
+    with (out / "loss_log.csv").open() as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [3, 6]
+    train(apply_overrides(cfg, ckpt_path=str(out / "ckpt_last/unet_sch_4"), lr=1e-5, weight_decay=0.5), prepared,
+          progress=False)
+    state = torch.load(out / "ckpt_last/unet_sch_6/training_state.pt", weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.5 and group["initial_lr"] == 1e-5
+    # step 6 ran at step index 5 of the cosine schedule: 2 warm-up steps, then 0.5 (1 + cos(pi (5 - 2) / 4))
+    with (out / "loss_log.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["lr"]) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_constant_schedule_warms_up(smoke_cfg):
+    history = train(apply_overrides(smoke_cfg, max_steps=4, warmup_steps=2, log_freq=1, lr_schedule="constant",
+                                    eval_freq=0, lr=1e-3), progress=False)
+    assert [h["lr"] for h in history] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])  # the rate each step ran at
+
+
 def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(apply_overrides(smoke_cfg, ckpt_path="last"), progress=False)
