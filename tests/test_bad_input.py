@@ -90,3 +90,26 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(smoke_cfg,
     assert sorted(p.name for p in root.iterdir()) == ["unet_sch_1"]  # no partial folder left behind
     monkeypatch.undo()
     train(apply_overrides(cfg, max_steps=2, ckpt_path="last"), progress=False)  # and it resumes from it
+
+
+def test_a_really_full_disk_while_saving(smoke_cfg, tmp_path):
+    """A size-limited tmpfs (needs mount rights, as root in CI): the second checkpoint does not fit. Whatever the
+    writer raises (torch's RuntimeError, safetensors' own error, OSError), it is one OSError naming the
+    checkpoint, no partial folder is left, and the first checkpoint still resumes (elsewhere)."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=11m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        cfg = apply_overrides(smoke_cfg, max_steps=1, eval_freq=0, keep_last=0, output_dir=str(disk / "outputs"))
+        train(cfg, progress=False)
+        with pytest.raises(OSError, match="unet_sch_2: could not write the checkpoint"):
+            train(apply_overrides(cfg, max_steps=2, ckpt_path="last"), progress=False)
+        root = disk / "outputs" / "ckpt_last"
+        assert sorted(p.name for p in root.iterdir()) == ["unet_sch_1"]
+        train(apply_overrides(cfg, max_steps=2, ckpt_path=str(root / "unet_sch_1"), output_dir=str(tmp_path / "more")),
+              progress=False)  # the checkpoint left on the full disk is whole: it resumes on another one
+        assert (tmp_path / "more" / "ckpt_last" / "unet_sch_2").is_dir()
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
