@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="one notebook parameter, its value read as YAML")
     grade.add_argument("--timeout", type=float, default=600, help="seconds per notebook cell [600]")
+    grade.add_argument("--images", default="results", help="where, inside a submission, the rerun writes its PNGs; "
+                       "what is there beforehand moves to <images>_shipped/ [results]")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -162,7 +164,7 @@ def run(args) -> int:
         from .grading import grade
         from .scoring import load_inception
         grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
-              args.reference, notebook_parameters(args), args.timeout)
+              args.reference, notebook_parameters(args), args.timeout, args.images)
         return 0
     if args.command == "package":
         from .scoring import package_submission

@@ -214,7 +214,7 @@ def load_image(path, size: int, prep: str = "stretch") -> torch.Tensor:
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             img = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path}: unreadable or corrupt image ({err})") from None
     if prep == "center":
         img = center_on_content(img)

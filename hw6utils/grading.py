@@ -1,13 +1,14 @@
 """Batch grading for teachers: rerun each submission's notebooks in fresh kernels, score its images, rank by FID.
 
 A submission is a folder (e.g. an unzipped `hw6_<ID>/`) with its notebooks somewhere below it and, once they
-have run, one PNG per test.json entry in `results/`. A broken submission becomes a row with its error; it
-never stops the batch.
+have run again, one PNG per test.json entry in `results/` (the images it shipped there are set aside first).
+A broken submission becomes a row with its error; it never stops the batch.
 """
 from __future__ import annotations
 
 import csv
 import html
+import shutil
 import time
 from pathlib import Path
 
@@ -19,33 +20,56 @@ COLUMNS = ["submission", "status", "failed_notebook", "error", "run_time_s", "fi
 
 def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, reference_dir=None,
               parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results") -> dict:
-    """One row: rerun the notebooks (in order, parameters injected), check and score the images."""
+    """One row: rerun the notebooks (in order, parameters injected), then check and score the images they wrote.
+
+    The score comes from the rerun alone: images shipped in `<images_subdir>/` are moved to
+    `<images_subdir>_shipped/` first (kept for comparison), so a rerun that writes nothing scores nothing."""
     row = {"submission": submission.name, "status": "ok", "failed_notebook": "", "error": ""}
     start = time.time()
-    notebooks = sorted(submission.rglob("[0-9][0-9]_*.ipynb"))
-    notebooks = [p for p in notebooks if ".ipynb_checkpoints" not in p.parts and "executed" not in p.parts]
+    skipped = {".ipynb_checkpoints", "executed"}  # editor backups, and the copies an earlier grading executed
+    notebooks = [p for p in sorted(submission.rglob("[0-9][0-9]_*.ipynb"))
+                 if not skipped & set(p.relative_to(submission).parts)]
+    images = submission / images_subdir
     try:
-        if notebooks:
-            run_notebooks([p.name for p in notebooks], parameters or {}, out_dir=submission / "executed",
-                          cwd=notebooks[0].parent, timeout=timeout, only_declared=True)
-        problems = check_submission(submission / images_subdir, test_json)
-        if problems:
-            row.update(status="bad images", error=f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
-        else:
-            row.update(score(submission / images_subdir, test_json, stats_dir, reference_dir, extractor, clip_model,
-                             out_json=submission / "scores.json"))
+        if not notebooks:
+            raise ValueError("no numbered notebooks (NN_*.ipynb) to rerun")
+        set_aside_shipped(images)
+        run_notebooks([p.name for p in notebooks], parameters or {}, out_dir=submission / "executed",
+                      cwd=notebooks[0].parent, timeout=timeout, only_declared=True)
     except RuntimeError as err:  # a failing cell: run_notebooks names the notebook and the cell
         message = str(err)
         row.update(status="notebook failed", failed_notebook=message.split(":", 1)[0], error=message)
-    except (ValueError, OSError) as err:
-        row.update(status="error", error=str(err).splitlines()[0])
+    except Exception as err:  # whatever a submission does, the batch goes on
+        row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    if row["status"] == "ok":
+        try:
+            problems = check_submission(images, test_json)
+            if problems:
+                row.update(status="bad images", error=f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+            else:
+                row.update(score(images, test_json, stats_dir, reference_dir, extractor, clip_model,
+                                 out_json=submission / "scores.json"))
+        except Exception as err:
+            row.update(status="scoring failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     row["run_time_s"] = round(time.time() - start, 1)
     row.pop("num_images", None)
     return row
 
 
+def set_aside_shipped(images: Path) -> None:
+    """Move the submitted images to <images>_shipped/ (once: on a later grading run that folder exists already,
+    and what `images` holds was written by the earlier rerun, so it goes)."""
+    shipped = images.with_name(images.name + "_shipped")
+    if not images.exists():
+        return
+    if shipped.exists():
+        shutil.rmtree(images)
+    else:
+        images.rename(shipped)
+
+
 def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model, reference_dir=None,
-          parameters: dict | None = None, timeout: float | None = 600) -> list:
+          parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results") -> list:
     """Grade every folder in submissions_dir; write the CSV and a leaderboard (Markdown and HTML) beside it."""
     submissions = sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir())
     if not submissions:
@@ -53,7 +77,7 @@ def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model,
     rows = []
     for submission in submissions:
         rows.append(grade_one(submission, test_json, stats_dir, extractor, clip_model, reference_dir, parameters,
-                              timeout))
+                              timeout, images_subdir))
         print(f"{submission.name}: {rows[-1]['status']}" + (f", FID {rows[-1]['fid']:.2f}" if "fid" in rows[-1] else ""))
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +100,8 @@ def write_leaderboard(rows: list, stem: Path) -> None:
     header = ["rank", "submission", "FID", "CLIP-T", "CLIP-I", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     body = []
-    for rank, row in enumerate(ranked, 1):
+    for row in ranked:  # equal FIDs share a rank (1, 1, 3)
+        rank = 1 + sum(1 for other in rows if "fid" in other and "fid" in row and other["fid"] < row["fid"])
         values = [str(rank) if "fid" in row else "-", row["submission"], cell(row, "fid"), cell(row, "clip_t"),
                   cell(row, "clip_i"), row["status"] + (f" ({row['error'][:80]})" if row["error"] else "")]
         lines.append("| " + " | ".join(v.replace("|", "/") for v in values) + " |")

@@ -43,9 +43,11 @@ def run_notebooks(names=None, parameters=None, out_dir="outputs/notebooks", cwd=
 
     parameters: dict or path of a YAML file. timeout: seconds per cell (None = no limit). only_declared: pass
     each notebook the parameters it declares and ignore the rest, instead of failing on an unknown one.
-    A failing cell raises RuntimeError naming the notebook and the cell; its executed copy keeps the traceback.
+    A failing cell raises RuntimeError naming the notebook and the cell (a cell past the timeout, the notebook);
+    its executed copy keeps the traceback.
     """
     import papermill
+    from nbclient.exceptions import CellTimeoutError
     from papermill.exceptions import PapermillExecutionError
 
     paths = notebook_paths(names, cwd)
@@ -67,6 +69,8 @@ def run_notebooks(names=None, parameters=None, out_dir="outputs/notebooks", cwd=
             first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
             raise RuntimeError(f"{path.name}: cell {err.cell_index} (execution count {err.exec_count}, "
                                f"{first_line!r}) raised {err.ename}: {err.evalue}; see {out / path.name}") from None
+        except CellTimeoutError:
+            raise RuntimeError(f"{path.name}: a cell ran past the {timeout:g} s limit; see {out / path.name}") from None
         print(f"{path.name}: ok in {time.time() - start:.0f}s")
         done.append(out / path.name)
     return done

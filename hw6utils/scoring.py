@@ -14,6 +14,7 @@ CLIP runs through transformers' `CLIPModel` (`openai/clip-vit-base-patch32` hold
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +205,7 @@ def clip_i(images, reference_images, model, processor, batch_size: int = 32) -> 
 
 # ----------------------------------------------------------------------------------------------- submission
 def check_submission(images_dir, test_json) -> list:
-    """Problems that would make the course reject the folder: exactly one 256x256 PNG per test.json `image_name`.
+    """Problems that would make the course reject the folder: exactly one RGB 256x256 PNG per test.json `image_name`.
 
     Returns one line per missing, extra, unreadable, non-PNG or wrongly sized file; an empty list when all is well.
     """
@@ -220,12 +221,15 @@ def check_submission(images_dir, test_json) -> list:
         try:
             with Image.open(images_dir / name) as img:
                 img.load()   # decode it all, so a truncated file counts as unreadable
-                found_format, size = img.format, img.size
-        except (OSError, SyntaxError) as err:   # PIL raises SyntaxError for some broken PNG chunks
+                found_format, size, mode = img.format, img.size, img.mode
+        # PIL raises SyntaxError for some broken PNG chunks, DecompressionBombError for huge images
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
             problems.append(f"unreadable: {name} ({err})")
             continue
         if found_format != "PNG":
             problems.append(f"not a PNG: {name} is {found_format}")
+        elif mode != "RGB":
+            problems.append(f"not RGB: {name} is {mode}")
         elif size != SUBMISSION_SIZE:
             problems.append(f"wrong size: {name} is {size[0]}x{size[1]}, expected {SUBMISSION_SIZE[0]}x{SUBMISSION_SIZE[1]}")
     return problems
@@ -288,6 +292,8 @@ def sweep_scorer(test_json, stats_dir, out_dir, reference_dir=None, extractor=No
         test_json = out_dir / "test.json"
         test_json.write_text(json.dumps(dict(list(raw.items())[:limit]), indent=1), encoding="utf-8")
         entries = entries[:limit]
+    if len(entries) < 2:
+        raise ValueError(f"{test_json}: FID needs at least 2 images, got {len(entries)} prompt(s) (raise the limit)")
     # load everything once, before the first image is generated
     load_stats(stats_dir)
     extractor = load_inception() if extractor is None else extractor
@@ -295,7 +301,8 @@ def sweep_scorer(test_json, stats_dir, out_dir, reference_dir=None, extractor=No
 
     def score_images(images, cell) -> dict:
         folder = out_dir / f"{cell['sampler']}_{cell['steps']}_g{cell['guidance']:g}"
-        folder.mkdir(exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)  # the sweep's own scratch: an earlier, longer run's images go
+        folder.mkdir()
         for (name, _, _), image in zip(entries, images):
             image.convert("RGB").resize(SUBMISSION_SIZE, Image.BICUBIC).save(folder / name, format="PNG")
         scores = score(folder, test_json, stats_dir, reference_dir, extractor, clip, batch_size=batch_size, device=device)

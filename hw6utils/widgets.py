@@ -1,6 +1,7 @@
 """The prompt explorer of notebook 06: ipywidgets wiring around `sampling.generate_images`, nothing more."""
 from __future__ import annotations
 
+import html
 import io
 
 import ipywidgets as widgets
@@ -20,7 +21,8 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
     """An app to try prompts on a loaded model. Returns (app, controls).
 
     `app` is the widget to display; `controls` maps names to its widgets (prompt, guidance_scale, steps, seed,
-    count, button, progress, gallery), so code can set values and call `controls["button"].click()`.
+    count, button, progress, gallery, message), so code can set values and call `controls["button"].click()`.
+    A failure (a bad prompt, out of memory) is shown in `message`, in red, and the app stays usable.
     Image i uses seed + i, as `hw6 generate` does, so a picture can be reproduced from its seed.
     """
     if guidance_scale is None:  # the model's own default (saved in its hw6_config.json)
@@ -35,13 +37,14 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
         "button": widgets.Button(description="Generate", button_style="primary"),
         "progress": widgets.IntProgress(value=0, min=0, max=num_inference_steps, description="progress"),
         "gallery": widgets.HBox(),
+        "message": widgets.HTML(),
     }
 
     def on_generate(_button):
         c = controls
         c["button"].disabled = True
         c["progress"].value, c["progress"].max = 0, c["steps"].value
-        c["gallery"].children = ()
+        c["gallery"].children, c["message"].value = (), ""
 
         def show_step(step, total):  # the bar moves after every denoising step of the one batched call
             c["progress"].value = step
@@ -53,6 +56,8 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
                                      callback=show_step)
             c["gallery"].children = tuple(widgets.Image(value=png_bytes(image), format="png", width=128, height=128)
                                           for image in images)
+        except Exception as err:  # a click's exception would only reach the log console, not the person
+            c["message"].value = f'<span style="color: #c00">error: {html.escape(str(err).splitlines()[0] if str(err) else type(err).__name__)}</span>'
         finally:
             c["button"].disabled = False
 
@@ -60,5 +65,5 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
     sliders = widgets.HBox([controls["guidance_scale"], controls["steps"]])
     numbers = widgets.HBox([controls["seed"], controls["count"]])
     actions = widgets.HBox([controls["button"], controls["progress"]])
-    app = widgets.VBox([controls["prompt"], sliders, numbers, actions, controls["gallery"]])
+    app = widgets.VBox([controls["prompt"], sliders, numbers, actions, controls["message"], controls["gallery"]])
     return app, controls

@@ -103,25 +103,28 @@ def test_frechet_distance_matches_the_diagonal_formula():
 
 
 def test_check_submission_names_every_problem(tmp_path):
-    names = ["good.png", "small.png", "jpeg.png", "gone.png", "broken.png"]
+    names = ["good.png", "small.png", "jpeg.png", "gone.png", "broken.png", "rgba.png", "bomb.png"]
     write_test_json(tmp_path / "test.json", names)
     images_dir = tmp_path / "png"
     images_dir.mkdir()
     random_png(images_dir / "good.png", 0)
+    Image.new("RGBA", (256, 256)).save(images_dir / "rgba.png")
+    Image.new("1", (20000, 20000)).save(images_dir / "bomb.png")  # 48 kB, 400 M pixels: PIL refuses it
     random_png(images_dir / "small.png", 1, size=(128, 96))
     random_png(images_dir / "jpeg.png", 2, image_format="JPEG")
     (images_dir / "broken.png").write_bytes(b"not an image")
     random_png(images_dir / "stray.png", 3)
 
     problems = check_submission(images_dir, tmp_path / "test.json")
-    assert len(problems) == 5, problems
+    assert len(problems) == 7, problems
     for name, kind in [("small.png", "wrong size"), ("jpeg.png", "not a PNG"), ("gone.png", "missing"),
-                       ("broken.png", "unreadable"), ("stray.png", "extra")]:
+                       ("broken.png", "unreadable"), ("stray.png", "extra"), ("rgba.png", "not RGB"),
+                       ("bomb.png", "unreadable")]:
         assert [p for p in problems if name in p and p.startswith(kind)], (name, problems)
     assert any("128x96" in p for p in problems)
 
     write_test_json(tmp_path / "test.json", ["good.png"])
-    for name in ["small.png", "jpeg.png", "broken.png", "stray.png"]:
+    for name in ["small.png", "jpeg.png", "broken.png", "stray.png", "rgba.png", "bomb.png"]:
         (images_dir / name).unlink()
     assert check_submission(images_dir, tmp_path / "test.json") == []
 

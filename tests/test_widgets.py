@@ -30,3 +30,19 @@ def test_generate_button_fills_the_gallery(smoke_cfg):
     last = generate_images(model, [controls["prompt"].value], [7], 3.0, 2, progress=False)[0]  # seeds 5, 6, 7
     pixels = np.asarray(Image.open(io.BytesIO(shown[-1].value)), dtype=np.int16)
     assert np.abs(pixels - np.asarray(last, dtype=np.int16)).max() <= 1  # same seed, alone or in a batch
+    assert controls["message"].value == ""
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    import hw6utils.widgets as widgets_module
+    real = widgets_module.generate_images
+    widgets_module.generate_images = out_of_memory
+    try:
+        controls["button"].click()
+    finally:
+        widgets_module.generate_images = real
+    assert "error: CUDA out of memory. Tried to allocate 2.00 GiB" in controls["message"].value
+    assert "more detail" not in controls["message"].value and not controls["button"].disabled
+    assert controls["gallery"].children == ()
+    controls["button"].click()  # the app is still usable, and the message goes away
+    assert len(controls["gallery"].children) == 3 and controls["message"].value == ""
