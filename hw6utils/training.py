@@ -206,10 +206,12 @@ def init_distributed(device_name: str) -> tuple:
     return dist.get_rank(), world, device
 
 
-def mean_over_ranks(value: float, world: int) -> float:
+def mean_over_ranks(value: float, world: int, device=None) -> float:
+    """The mean of a number over all processes. The tensor lives on the training device: NCCL has no CPU
+    collectives (gloo, for CPU runs, has both)."""
     if world == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / world
 
@@ -241,6 +243,10 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     rank, world, device = init_distributed(t.device)
     shard, main_process = (rank, world), rank == 0
     out_dir = ensure_writable_dir(t.output_dir)
+    if world > 1 and prepared is None:  # one process builds the shapes set (when missing) while the others wait
+        if main_process:
+            ensure_data(cfg)
+        dist.barrier()
     prepared = prepared or prepare_data(cfg, device)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
     unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
@@ -300,7 +306,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             done = step + 1
             if done % t.log_freq == 0 or done == t.max_steps:
                 elapsed = time.time() - tick
-                record = {"step": done, "loss": mean_over_ranks(sum(window) / len(window), world),
+                record = {"step": done, "loss": mean_over_ranks(sum(window) / len(window), world, device),
                           "lr": lr_used,
                           "images_per_s": timed * t.batch_size * world / max(elapsed, 1e-9)}
                 history.append(record)
@@ -308,7 +314,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                     append_csv(out_dir / "loss_log.csv", record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 window, tick, timed = [], time.time(), 0
-            stop = interrupted() if world == 1 else mean_over_ranks(float(interrupted()), world) > 0  # all ranks agree
+            stop = interrupted() if world == 1 else mean_over_ranks(float(interrupted()), world, device) > 0  # all agree
             new_best = None
             if main_process and t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
                 save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
