@@ -23,7 +23,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# The shipped reference model (data/reference): the autoencoder, then the UNet, then the export (~1.5 h on 2 cores).
+# The shipped reference model (data/reference): the autoencoder, then the UNet, then the export (~1.3 h here).
 reference: install
 	$(VENV)/bin/hw6 train-vae --preset reference --vae_out data/reference/vae
 	$(VENV)/bin/hw6 train --preset reference

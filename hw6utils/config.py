@@ -102,7 +102,7 @@ class SampleConfig:
     preview_guidance_scale: float = _f(4.0, "guidance scale of the sample grids made during training")
     eta: float = _f(0.0, "DDIM eta (0 = deterministic DDIM, 1 = DDPM-like noise)")
     use_ema: bool = _f(True, "sample with the EMA weights when the checkpoint has them")
-    stage: str = _f("last", "checkpoint to sample from: 'last', a step number, or 'reference'")
+    stage: str = _f("last", "checkpoint to sample from: 'last', a step number, 'best', 'reference' or a folder")
     test_json: str = _f("", "prompts to generate (default: <data_dir>/test.json)")
     gen_batch_size: int = _f(32, "images per UNet call when generating")
     sample_seed: int = _f(0, "image i of a run uses seed sample_seed + i")

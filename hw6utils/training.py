@@ -514,6 +514,7 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "loss_window": list(window)},
                    tmp / "training_state.pt")
+        fsync_tree(tmp)  # on disk before the rename makes it a checkpoint (a power cut, not just a crash)
     except Exception as err:  # a full disk shows as OSError, SafetensorError or torch's RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)  # drop the partial copy, keep every complete checkpoint
         raise OSError(f"{final}: could not write the checkpoint ({err}); earlier checkpoints are untouched") from err
@@ -525,8 +526,22 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    fsync_tree(root, files=False)  # the rename itself
     prune_checkpoints(root, cfg.train.keep_last, keep={final, *protect})
     return final
+
+
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (with files=True, recursively) and the folder entries themselves to the disk."""
+    paths = sorted(folder.rglob("*")) if files else []
+    for path in [*paths, folder]:
+        if path.is_dir() and os.name != "posix":  # folders can be opened and synced on POSIX only
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
