@@ -180,6 +180,13 @@ def run(args) -> int:
             print(f"wrote {scoring.save_stats(args.out, *scoring.compute_stats(paths, extractor))}")
         return 0
     cfg = config_from_args(args)
+    if args.command in ("generate", "evaluate", "sweep", "export-reference"):
+        from .config import field_owner
+        owner = field_owner()
+        ignored = sorted(k for k in vars(args) if owner.get(k) in ("model", "encoders"))
+        if ignored:
+            print(f"note: {', '.join('--' + k for k in ignored)} ignored: the checkpoint's saved config decides the "
+                  "model and its encoders", file=sys.stderr)
     if args.command == "train-vae":
         from .training import train_vae
         train_vae(cfg)

@@ -86,3 +86,9 @@ def test_a_malformed_checkpoint_config_is_named(tmp_path, capsys):
         with pytest.raises(ValueError, match=r"hw6_config.json: ") as err:
             load_config(tmp_path / "hw6_config.json")
         assert message in str(err.value)
+
+
+def test_model_flags_given_to_generate_are_named_as_ignored(tmp_path, capsys):
+    main(["generate", "--stage", str(tmp_path / "none"), "--block_out_channels", "8,16", "--text_encoder", "x"])
+    err = capsys.readouterr().err
+    assert "note: --block_out_channels, --text_encoder ignored: the checkpoint's saved config decides" in err
