@@ -192,7 +192,7 @@ def run(args) -> int:
         train_vae(cfg)
     elif args.command == "train":
         from .training import train
-        train(cfg)
+        train(resume_config(cfg, args) if cfg.train.ckpt_path else cfg)
     elif args.command == "generate":
         from .sampling import generate
         from .training import pick_device
@@ -207,6 +207,19 @@ def run(args) -> int:
     elif args.command == "sweep":
         print(sweep_stage(cfg, args))
     return 0
+
+
+def resume_config(cfg, args):
+    """`hw6 train --ckpt_path ...` goes on with the checkpoint's own saved config; only the flags given on this
+    command line (e.g. --max_steps, --lr) change it. (The library's `train(cfg)` takes cfg as it is.)"""
+    from .config import apply_overrides, load_config
+    from .training import resolve_resume
+    path = resolve_resume(cfg.train.ckpt_path, Path(cfg.train.output_dir))
+    names = field_help()
+    given = {k: parse_value(k, v) for k, v in vars(args).items() if k in names}
+    print(f"resuming with the config saved in {path}" + (f", changed by {', '.join('--' + k for k in given if k != 'ckpt_path')}"
+                                                          if len(given) > 1 else ""))
+    return apply_overrides(load_config(path / "hw6_config.json"), **given)
 
 
 def notebook_parameters(args) -> dict:

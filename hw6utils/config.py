@@ -60,13 +60,14 @@ class TrainConfig:
     batch_size: int = _f(64, "samples per forward pass (micro-batch)")
     grad_accum: int = _f(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum")
     lr: float = _f(1.5e-3, "AdamW peak learning rate")
-    lr_schedule: str = _f("cosine", "'cosine' (decay to 0 after warm-up) or 'constant' (after warm-up)")
+    lr_schedule: str = _f("cosine", "'cosine' (decay to 0 after warm-up), 'constant' (after warm-up), or diffusers' "
+                                      "'linear', 'cosine_with_restarts', 'polynomial'")
     warmup_steps: int = _f(100, "linear learning-rate warm-up steps")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for sampling (0 = no EMA)")
     cond_drop_prob: float = _f(0.1, "fraction of captions replaced by '' (teaches the unconditional branch)")
-    noise_schedule: str = _f("squaredcos_cap_v2", "DDPM beta schedule: 'linear', 'scaled_linear', 'squaredcos_cap_v2'")
+    noise_schedule: str = _f("squaredcos_cap_v2", "DDPM beta schedule: 'linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'")
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule")
     prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
@@ -170,8 +171,9 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
     return out
 
 
-CHOICES = {"lr_schedule": ("cosine", "constant"), "prediction_type": ("epsilon", "v_prediction"),
-           "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"), "mixed_precision": ("bf16", "no"),
+CHOICES = {"lr_schedule": ("cosine", "constant", "linear", "cosine_with_restarts", "polynomial"),
+           "prediction_type": ("epsilon", "v_prediction"),
+           "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "no"),
            "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
 AT_LEAST_ONE = ("image_size", "max_text_len", "max_steps", "batch_size", "grad_accum", "num_train_timesteps",
                 "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size", "vae_steps",

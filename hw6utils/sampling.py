@@ -6,6 +6,7 @@ Stable Diffusion's scaled-linear ones: a silent mismatch).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -214,52 +215,61 @@ def generate_images(model: LoadedModel, prompts: list, seeds: list, guidance_sca
 
 
 def generation_record(model: LoadedModel, cfg: Config, entries: list) -> dict:
-    """What an output folder's images depend on: the weights (folder, file size and time), the sampling settings
-    and each image's prompt. Kept beside the folder (not in it: the course wants nothing but the PNGs there)."""
+    """What an output folder's images depend on: the weights (a hash of the checkpoint's safetensors files), the
+    sampling settings and each image's prompt. Kept beside the folder (the course wants only PNGs in it)."""
     s = cfg.sample
-    weights = sorted(model.path.rglob("*.safetensors"))
-    return {"checkpoint": str(model.path.resolve()),
-            "weights": [f"{p.relative_to(model.path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in weights],
+    weights = hashlib.sha256()
+    for path in sorted(model.path.rglob("*.safetensors")):
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                weights.update(chunk)
+    return {"checkpoint": str(model.path.resolve()), "weights_sha256": weights.hexdigest(),
             "use_ema": s.use_ema, "sampler": s.sampler, "num_inference_steps": s.num_inference_steps,
             "guidance_scale": s.guidance_scale, "eta": s.eta, "sample_seed": s.sample_seed,
             "prompts": {name: prompt for name, prompt, _ in entries}}
 
 
-def check_generation_record(out: Path, record_path: Path, record: dict) -> None:
-    """Refuse to mix images made another way into a folder that already holds some (nothing is overwritten)."""
+def record_difference(out: Path, old: dict, record: dict) -> str:
+    """'' if the images in `out` were made as `record` says, else what differs (in words)."""
     present = [p.name for p in out.glob("*.png")]
-    if not present or not record_path.is_file():
-        if present:
-            print(f"note: {out} already holds {len(present)} PNG(s) with no record of how they were made; kept")
-        return
-    old = json.loads(record_path.read_text())
     for key, value in record.items():
         if key == "prompts":
             changed = [n for n in present if n in value and old.get(key, {}).get(n, value[n]) != value[n]]
             if changed:
-                raise ValueError(f"{out}: {len(changed)} image(s), e.g. {changed[0]}, were made for other prompts "
-                                 f"(see {record_path}); remove the folder or choose another (--out)")
-        elif old.get(key) != value:
-            raise ValueError(f"{out}: its {len(present)} image(s) were made with {key} {old.get(key)!r}, not "
-                             f"{value!r} (see {record_path}); remove the folder or choose another (--out)")
+                return f"{len(changed)} image(s), e.g. {changed[0]}, were made for other prompts"
+        elif key != "checkpoint" and old.get(key) != value:  # the same weights moved elsewhere are the same model
+            return f"made with {key} {old.get(key)!r}, not {value!r}"
+    return ""
 
 
 def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
     """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>.
 
-    PNGs already there are kept, so an interrupted run resumes; `<folder>.json` beside the folder records the
-    weights, settings and prompts, and a run with different ones is refused rather than mixed in.
+    PNGs already there are kept, so an interrupted run resumes. `<folder>.json` beside the folder records the
+    weights, the settings and the prompts; when they differ from this run's, the old folder (and its record)
+    moves to `<folder>_prev_<time>/` and the images are made afresh: never mixed, never deleted.
     """
     s = cfg.sample
     entries = load_test_prompts(test_json_path(cfg))
     model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema, s.sampler)
     stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
     suffix = "" if s.sampler == "ddim" else f"_{s.sampler}"
-    out = ensure_writable_dir(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}{suffix}")
+    out = Path(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}{suffix}").resolve()
     record_path, record = out.with_name(out.name + ".json"), generation_record(model, cfg, entries)
-    check_generation_record(out, record_path, record)
-    if record_path.is_file():  # keep the prompts of images made earlier that this test.json no longer names
-        record["prompts"] = {**json.loads(record_path.read_text()).get("prompts", {}), **record["prompts"]}
+    if any(out.glob("*.png")):
+        old = json.loads(record_path.read_text()) if record_path.is_file() else None
+        why = "no record of how they were made" if old is None else record_difference(out, old, record)
+        if why:
+            aside = out.with_name(f"{out.name}_prev_{time.strftime('%Y%m%d-%H%M%S')}")
+            while aside.exists():
+                aside = aside.with_name(aside.name + "_")
+            out.rename(aside)
+            if old is not None:
+                record_path.rename(aside.with_name(aside.name + ".json"))
+            print(f"note: {out.name} held images {why}: moved to {aside}")
+        else:  # keep the prompts of images made earlier that this test.json no longer names
+            record["prompts"] = {**old.get("prompts", {}), **record["prompts"]}
+    ensure_writable_dir(out)
     record_path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     record_path.with_suffix(".tmp").replace(record_path)
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]

@@ -262,6 +262,10 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     if resume_from is not None:
         start_step, history, window = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator,
                                                           t.lr, t.weight_decay)
+        if world > 1:  # the saved losses are rank 0's alone: start the log window afresh rather than mix them
+            window = []
+        if start_step >= t.max_steps and main_process:
+            print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
         if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
             for log in (out_dir / "loss_log.csv", out_dir / "eval_log.csv"):
                 truncate_csv(log, start_step)
@@ -438,7 +442,8 @@ def truncate_csv(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+    kept = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit()  # (a torn last line goes)
+                        and int(line.split(",", 1)[0]) <= step]
     if len(kept) < len(lines):
         path.with_name(path.name + ".bak").write_text("".join(lines))
         path.write_text("".join(kept))
@@ -564,7 +569,8 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
 def archive_previous_run(out_dir: Path) -> None:
     """A fresh run moves an earlier run's checkpoints and loss log into ckpt_prev_<time>/ (nothing is deleted),
     so that 'last' always means this run's newest checkpoint."""
-    previous = [p for p in (out_dir / "ckpt_last", out_dir / "loss_log.csv", out_dir / "eval_log.csv") if p.exists()]
+    previous = [p for p in (out_dir / "ckpt_last", out_dir / "loss_log.csv", out_dir / "eval_log.csv",
+                            out_dir / "samples_last", out_dir / "history.json", out_dir / "loss.png") if p.exists()]
     if not previous:
         return
     archive = out_dir / f"ckpt_prev_{time.strftime('%Y%m%d-%H%M%S')}"
@@ -609,6 +615,10 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    saved_lr, saved_wd = lr_scheduler.base_lrs[0], optimizer.param_groups[0]["weight_decay"]
+    if (lr is not None and lr != saved_lr) or (weight_decay is not None and weight_decay != saved_wd):
+        print(f"resuming with lr {lr if lr is not None else saved_lr:g} (saved {saved_lr:g}) and weight decay "
+              f"{weight_decay if weight_decay is not None else saved_wd:g} (saved {saved_wd:g})")
     for i, group in enumerate(optimizer.param_groups):
         if weight_decay is not None:
             group["weight_decay"] = weight_decay

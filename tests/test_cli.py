@@ -92,3 +92,20 @@ def test_model_flags_given_to_generate_are_named_as_ignored(tmp_path, capsys):
     main(["generate", "--stage", str(tmp_path / "none"), "--block_out_channels", "8,16", "--text_encoder", "x"])
     err = capsys.readouterr().err
     assert "note: --block_out_channels, --text_encoder ignored: the checkpoint's saved config decides" in err
+
+
+def test_resume_from_the_command_line_keeps_the_saved_config(smoke_cfg, tmp_path, capsys):
+    """`hw6 train --ckpt_path last` goes on with the checkpoint's own config: an --lr given at the start stays, and
+    only the flags given now (here --max_steps) change it."""
+    import torch
+    common = ["--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
+              "--output_dir", smoke_cfg.train.output_dir, "--eval_freq", "0"]
+    assert main(["train", *common, "--max_steps", "2", "--lr", "3e-3", "--weight_decay", "0.2"]) == 0
+    assert main(["train", "--output_dir", smoke_cfg.train.output_dir, "--ckpt_path", "last", "--max_steps", "4"]) == 0
+    assert "changed by --output_dir, --max_steps" in capsys.readouterr().out
+    state = torch.load(f"{smoke_cfg.train.output_dir}/ckpt_last/unet_sch_4/training_state.pt", weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 3e-3 and group["weight_decay"] == 0.2
+    from hw6utils.config import load_config
+    saved = load_config(f"{smoke_cfg.train.output_dir}/ckpt_last/unet_sch_4/hw6_config.json")
+    assert (saved.preset, saved.train.lr, saved.train.max_steps) == ("smoke", 3e-3, 4)

@@ -92,18 +92,34 @@ def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
     (out / "2_main.png").unlink()  # an interrupted run: only the missing image is made again
     generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
     assert (out / "2_main.png").is_file() and (out / "1_main.png").stat().st_mtime_ns == before
-    # other settings, weights or prompts would mix images made two ways: refused, nothing overwritten
-    with pytest.raises(ValueError, match=r"png_1_3: its 3 image\(s\) were made with guidance_scale 7.5, not 9.0"):
-        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3, guidance_scale=9.0),
-                 progress=False)
+    # other settings, weights or prompts would mix images made two ways: the old folder moves aside, whole
+    def run(**kw):
+        return generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3, **kw), progress=False)
+
+    def asides():
+        return sorted(p for p in out.parent.glob("png_1_3_prev_*") if p.is_dir())
+
+    original = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    run(guidance_scale=9.0)
+    assert len(asides()) == 1 and {p.name: p.read_bytes() for p in asides()[0].glob("*.png")} == original
+    assert json.loads(asides()[0].with_name(asides()[0].name + ".json").read_text())["guidance_scale"] == 7.5
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(original)  # made afresh
+    assert (out / "1_main.png").read_bytes() != original["1_main.png"]
+    assert json.loads((out.parent / "png_1_3.json").read_text())["guidance_scale"] == 9.0
+    made = (out / "1_main.png").stat().st_mtime_ns
+    run(guidance_scale=9.0)
+    assert len(asides()) == 1 and (out / "1_main.png").stat().st_mtime_ns == made  # the same settings: kept
     test_json.write_text(json.dumps({"0": {"text_prompt": "A green star.", "image_name": "0_main.png"}}))
-    with pytest.raises(ValueError, match=r"1 image\(s\), e.g. 0_main.png, were made for other prompts"):
-        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
-    train(apply_overrides(cfg, max_steps=1, ckpt_path=""), progress=False)  # a new run that reaches the same step
-    test_json.write_text(json.dumps({"0": {"text_prompt": "A red circle.", "image_name": "0_main.png"}}))
-    with pytest.raises(ValueError, match="were made with weights"):
-        generate(apply_overrides(cfg, test_json=str(test_json), num_inference_steps=3), progress=False)
-    assert (out / "1_main.png").stat().st_mtime_ns == before
+    run(guidance_scale=9.0)  # another prompt for an image already there
+    assert len(asides()) == 2
+    train(apply_overrides(cfg, max_steps=1, seed=1), progress=False)  # a new run (other weights) at the same step
+    run(guidance_scale=9.0)
+    assert len(asides()) == 3  # other weights, same folder name
+    import shutil
+    shutil.copytree(out.parent / "ckpt_last", tmp_path / "moved")  # the same weights elsewhere: the same model
+    made = (out / "0_main.png").stat().st_mtime_ns
+    run(guidance_scale=9.0, stage=str(tmp_path / "moved" / "unet_sch_1"), output_dir=str(out.parent))
+    assert len(asides()) == 3 and (out / "0_main.png").stat().st_mtime_ns == made
     assert load_model("last", cfg.train.output_dir).cfg.train.noise_schedule == "squaredcos_cap_v2"
 
 
