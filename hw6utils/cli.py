@@ -338,7 +338,10 @@ def export_reference(ckpt: Path, out: Path) -> None:
         if (out / name).exists():
             (out / name).rename(old)
         (stage / name).rename(out / name)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
     stage.rmdir()
     print(f"exported {ckpt} to {out}")
 
