@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,23 @@ def load_test_prompts(path) -> list:
         used_by[name] = key
         out.append((name, prompt, entry))
     return out
+
+
+def write_json_atomic(path, data) -> None:
+    """Write JSON through a temporary file and one rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def free_timestamped_path(base) -> Path:
+    """`<base>_<YYYYmmdd-HHMMSS>`, with '_' added until no such file or folder exists (where earlier outputs go
+    aside instead of being overwritten)."""
+    path = Path(f"{base}_{time.strftime('%Y%m%d-%H%M%S')}")
+    while path.exists():
+        path = path.with_name(path.name + "_")
+    return path
 
 
 def ensure_writable_dir(path) -> Path:

@@ -40,7 +40,7 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
         message = str(err)
         row.update(status="notebook failed", failed_notebook=message.split(":", 1)[0], error=message)
     except Exception as err:  # whatever a submission does, the batch goes on
-        row.update(status="error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        row.update(status="error", error=error_line(err))
     if row["status"] == "ok":
         try:
             problems = check_submission(images, test_json)
@@ -50,10 +50,16 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
                 row.update(score(images, test_json, stats_dir, reference_dir, extractor, clip_model,
                                  out_json=submission / "scores.json"))
         except Exception as err:
-            row.update(status="scoring failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            row.update(status="scoring failed", error=error_line(err))
     row["run_time_s"] = round(time.time() - start, 1)
     row.pop("num_images", None)
     return row
+
+
+def error_line(err: Exception) -> str:
+    """'<ExceptionType>: <first line of its message>' for a row of the grades."""
+    message = str(err)
+    return f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
 
 
 def set_aside_shipped(images: Path) -> None:

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditio
 from tqdm.auto import tqdm
 
 from .config import REFERENCE_DIR, Config, load_config, test_json_path
-from .data import ensure_writable_dir, load_test_prompts
+from .data import ensure_writable_dir, free_timestamped_path, load_test_prompts, write_json_atomic
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
 
 
@@ -260,9 +260,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
         old = json.loads(record_path.read_text()) if record_path.is_file() else None
         why = "no record of how they were made" if old is None else record_difference(out, old, record)
         if why:
-            aside = out.with_name(f"{out.name}_prev_{time.strftime('%Y%m%d-%H%M%S')}")
-            while aside.exists():
-                aside = aside.with_name(aside.name + "_")
+            aside = free_timestamped_path(out.with_name(f"{out.name}_prev"))
             out.rename(aside)
             if old is not None:
                 record_path.rename(aside.with_name(aside.name + ".json"))
@@ -270,8 +268,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
         else:  # keep the prompts of images made earlier that this test.json no longer names
             record["prompts"] = {**old.get("prompts", {}), **record["prompts"]}
     ensure_writable_dir(out)
-    record_path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-    record_path.with_suffix(".tmp").replace(record_path)
+    write_json_atomic(record_path, record)
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]
     start = time.time()
     images = generate_images(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],

@@ -22,7 +22,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from .config import Config, save_config
-from .data import ImageCaptionDataset, ensure_data, ensure_writable_dir, load_course_data, load_images
+from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
+                   load_images, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history, training_scorer
@@ -367,12 +368,6 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
     return None
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, cfg: Config, generator,
                    shard: tuple = (0, 1)) -> torch.Tensor:
     """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR.
@@ -573,9 +568,7 @@ def archive_previous_run(out_dir: Path) -> None:
                             out_dir / "samples_last", out_dir / "history.json", out_dir / "loss.png") if p.exists()]
     if not previous:
         return
-    archive = out_dir / f"ckpt_prev_{time.strftime('%Y%m%d-%H%M%S')}"
-    while archive.exists():
-        archive = archive.with_name(archive.name + "_")
+    archive = free_timestamped_path(out_dir / "ckpt_prev")
     archive.mkdir(parents=True)
     for path in previous:
         path.rename(archive / path.name)
