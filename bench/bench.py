@@ -9,7 +9,8 @@ optimizer; DDIM sampling images/s with classifier-free guidance as one batched U
 several batch sizes; the explorer's case (4 images of the reference model); peak memory; on CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
 its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
---compare_onednn repeats the CPU sampling rows with oneDNN convolutions off.
+--compare_onednn repeats the CPU sampling rows with PyTorch's own choice of convolution (the library
+overrides it for UNet calls of up to 4 rows: `cpu_conv_backend`) and with oneDNN convolutions off.
 --stand_in replaces the hub encoders of the hw6 presets (CLIP B/32 text tower, SD VAE) by random-weight
 models of the same architecture (speed depends on the shapes, not on the weights), with the shapes set
 as data, so the hw6 preset can be timed where the hub is unreachable.
@@ -17,6 +18,7 @@ as data, so the hw6 preset can be timed where the hub is unreachable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import sys
 import time
@@ -29,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
 from hw6utils.models import count_params  # noqa: E402
-from hw6utils.sampling import (expand_text, guided_noise_pred, initial_noise, load_model, make_sampler,  # noqa: E402
-                               unet_kwargs)
+from hw6utils.sampling import (cpu_conv_backend, expand_text, guided_noise_pred, initial_noise, load_model,  # noqa: E402
+                               make_sampler, unet_kwargs)
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
                                prepare_data, setup_unet)
 
@@ -116,7 +118,8 @@ def two_call_noise_pred(unet, latents, t, text, null_text, guidance_scale):
 
 
 @torch.no_grad()
-def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device, batched: bool) -> float:
+def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device, batched: bool,
+                          conv_backend=cpu_conv_backend) -> float:
     cond = {k: v[:1].expand(batch, *v.shape[1:]).to(device) for k, v in text.items()}
     null = {k: v.to(device) for k, v in null_text.items()}
     latents = initial_noise(list(range(batch)), (unet.config.in_channels, unet.config.sample_size,
@@ -124,10 +127,13 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
     scheduler.set_timesteps(steps, device=device)
     predict = guided_noise_pred if batched else two_call_noise_pred
 
+    unet_batch = 2 * batch if batched else batch  # each call runs on the backend `hw6 generate` would pick
+
     def run():  # bf16 on CUDA, as `hw6 generate` runs
         x = latents
         for t in scheduler.timesteps:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                    conv_backend(device, unet_batch):
                 noise_pred = predict(unet, x, t, cond, null, 7.5).float()
             x = scheduler.step(noise_pred, t, x).prev_sample
         return x
@@ -151,8 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--skip_uncached", action="store_true", help="time the cached training step only")
     parser.add_argument("--also_batch", default="", help="with --flags: also time these micro-batch sizes, e.g. 64,128")
     parser.add_argument("--compare_onednn", action="store_true",
-                        help="CPU: also time sampling with oneDNN convolutions off (PyTorch's own choice: its native "
-                             "convolution at batch 1, oneDNN above)")
+                        help="CPU: also time sampling with PyTorch's own choice of convolution (native at batch 1, "
+                             "oneDNN above) and with oneDNN off")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     from hw6utils.config import parse_value
@@ -188,14 +194,15 @@ def main(argv=None) -> None:
     scheduler = make_sampler(make_noise_scheduler(cfg).config)
     text = prepared["encode"](["A red circle. It is big and sits in the middle."])
 
-    def cfg_rows(label):
+    def cfg_rows(label, conv_backend=cpu_conv_backend):
         for batch in [int(b) for b in args.batches.split(",")]:
             one, two = (sampling_images_per_s(unet, scheduler, text, prepared["null_text"], batch, args.sample_steps,
-                                              device, batched) for batched in (True, False))
+                                              device, batched, conv_backend) for batched in (True, False))
             print(f"{label}, batch {batch:3d}: batched CFG {one:7.2f} images/s, two calls {two:7.2f} images/s, "
                   f"ratio {one / two:.2f}x")
     cfg_rows(f"sampling DDIM {args.sample_steps} steps")
     if args.compare_onednn and device.type == "cpu":
+        cfg_rows("  PyTorch's choice", lambda device, unet_batch: contextlib.nullcontext())
         torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
         try:
             cfg_rows("  oneDNN off")

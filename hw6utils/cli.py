@@ -33,9 +33,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_scorer_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The course scorer's inputs: test.json, FID statistics, ground truth for CLIP-I, the two networks."""
-    parser.add_argument("--test-json", dest="test_json", required=required,
-                        **({} if required else {"default": argparse.SUPPRESS}), help="the course's test.json")
+    """The course scorer's inputs: test.json, FID statistics, ground truth for CLIP-I, the two networks.
+
+    The sweep (required=False) takes its prompts from the config flag --test_json instead of a second flag."""
+    if required:
+        parser.add_argument("--test-json", dest="test_json", required=True, help="the course's test.json")
     parser.add_argument("--stats", required=required, help="folder with test_mu.npy and test_sigma.npy")
     parser.add_argument("--reference", default=None, help="ground-truth images for CLIP-I (optional)")
     parser.add_argument("--inception", default=None, help=INCEPTION_HELP)
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=non_negative, default=0, help="use only the first N prompts (0 = all)")
             p.add_argument("--out", default=None, help="folder for sweep.csv/.json/.md [<output_dir>/sweep_<stage>]")
             course = p.add_argument_group("course data: score with FID and CLIP instead of the shapes check "
-                                          "(prompts from --test-json, default <data_dir>/test.json)")
+                                          "(prompts from --test_json, default <data_dir>/test.json)")
             add_scorer_flags(course, required=False)
     nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
                          description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")

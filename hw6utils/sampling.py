@@ -6,6 +6,7 @@ Stable Diffusion's scaled-linear ones: a silent mismatch).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -68,6 +69,26 @@ def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, guidance_sc
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
+@contextlib.contextmanager
+def cpu_conv_backend(device, unet_batch: int):
+    """On the CPU, run UNet calls of up to 4 rows (1-2 images with guidance) with PyTorch's native convolution.
+
+    PyTorch picks its native kernel for small batch-1 convolutions and oneDNN for any larger batch. For this
+    project's small UNets oneDNN is the slower one up to batch 4 and much the faster one from batch 8 on
+    (tiny reference UNet on 2 cores, ms per call at batch 2 / 4 / 8: oneDNN 13.0 / 16.0 / 21.7, native
+    10.3 / 14.6 / 23.0; `bench/bench.py --compare_onednn`). GPUs and larger batches keep PyTorch's choice.
+    """
+    if device.type != "cpu" or unet_batch > 4:
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
     """x_T ~ N(0, I), one generator per image, so an image depends on its seed alone, not on the batch."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -92,11 +113,13 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     # eta > 0 adds fresh noise at every DDIM step: one generator per image (seeded apart from x_T's), so an
     # image still depends on its own seed alone
     step_generators = [torch.Generator().manual_seed(int(s) + (1 << 32)) for s in seeds] if eta > 0 else None
+    unet_batch = latents.shape[0] * (1 if guidance_scale == 1.0 else 2)  # CFG doubles the UNet's batch
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"), \
+                cpu_conv_backend(device, unet_batch):
             noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
         extra = {}
         if isinstance(scheduler, DDIMScheduler):

@@ -7,7 +7,7 @@ from PIL import Image
 from hw6utils.config import apply_overrides, get_preset
 from hw6utils.encoders import load_text_encoder, load_vae
 from hw6utils.models import build_unet
-from hw6utils.sampling import generate, guided_noise_pred, load_model, make_sampler, sample, unet_kwargs
+from hw6utils.sampling import cpu_conv_backend, generate, guided_noise_pred, load_model, make_sampler, sample, unet_kwargs
 from hw6utils.training import make_noise_scheduler, train
 
 
@@ -50,6 +50,25 @@ def test_guidance_one_is_the_conditional_prediction(parts):
         strong = guided_noise_pred(unet, latents, t, text, null, 3.0)
     assert torch.allclose(guided, conditional, atol=1e-5)
     assert torch.allclose(strong, uncond + 3.0 * (conditional - uncond), atol=1e-4)
+
+
+def test_small_cpu_unet_calls_use_the_native_convolution_and_give_the_same_prediction(parts):
+    cfg, unet, _, encode = parts
+    cpu = torch.device("cpu")
+    latents, t, text = torch.randn(2, 4, 16, 16), torch.tensor(500), encode(["A red circle.", "A blue star."])
+    with torch.no_grad():
+        by_onednn = unet(latents, t, **unet_kwargs(unet, text)).sample
+        with cpu_conv_backend(cpu, 2):
+            assert not torch.backends.mkldnn.enabled
+            native = unet(latents, t, **unet_kwargs(unet, text)).sample
+    assert torch.backends.mkldnn.enabled  # restored
+    assert torch.allclose(native, by_onednn, atol=1e-4)
+    for device, batch in [(cpu, 8), (torch.device("cuda"), 2)]:  # larger batches and GPUs: PyTorch's choice
+        with cpu_conv_backend(device, batch):
+            assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError), cpu_conv_backend(cpu, 4):
+        raise RuntimeError("a failed call")
+    assert torch.backends.mkldnn.enabled
 
 
 def test_sampling_is_deterministic_per_seed_and_in_range(parts):

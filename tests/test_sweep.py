@@ -72,7 +72,7 @@ def test_course_sweep_scores_fid_clip_t_and_clip_i(extractor_file, tiny_clip_dir
         random_png(truth / name, i)
     assert main(["stats", str(root / "train"), "--out", str(tmp_path / "stats"), "--inception", str(extractor_file)]) == 0
     out = tmp_path / "sweep"
-    assert main(["sweep", "--stage", "reference", "--test-json", str(root / "test.json"), "--stats", str(tmp_path / "stats"),
+    assert main(["sweep", "--stage", "reference", "--test_json", str(root / "test.json"), "--stats", str(tmp_path / "stats"),
                  "--reference", str(truth), "--inception", str(extractor_file), "--clip", str(tiny_clip_dir),
                  "--limit", "3", "--steps", "2", "--guidance", "3,5", "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())
