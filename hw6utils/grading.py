@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .notebooks import run_notebooks
-from .scoring import check_submission, score
+from .scoring import check_submission, problem_summary, score
 
 COLUMNS = ["submission", "status", "failed_notebook", "error", "run_time_s", "fid", "clip_t", "clip_i"]
 
@@ -45,7 +45,7 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
         try:
             problems = check_submission(images, test_json)
             if problems:
-                row.update(status="bad images", error=f"{len(problems)} problem(s): " + "; ".join(problems[:5]))
+                row.update(status="bad images", error=problem_summary(problems))
             else:
                 row.update(score(images, test_json, stats_dir, reference_dir, extractor, clip_model,
                                  out_json=submission / "scores.json"))

@@ -311,6 +311,12 @@ def sweep_scorer(test_json, stats_dir, out_dir, reference_dir=None, extractor=No
     return [prompt for _, prompt, _ in entries], score_images
 
 
+def problem_summary(problems: list, shown: int = 5) -> str:
+    """'N problem(s): the first five; and M more', for one-line errors and the grades table."""
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{len(problems)} problem(s): " + "; ".join(problems[:shown]) + more
+
+
 def package_submission(student_id: str, images_dir, test_json, out_dir=".", report=None, model_note: str = "",
                        code_root=None) -> Path:
     """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: the code, `results/` (the PNGs), `MODEL.md`
@@ -320,8 +326,7 @@ def package_submission(student_id: str, images_dir, test_json, out_dir=".", repo
         raise ValueError(f"student id must be letters, digits, '-' or '_', got {student_id!r}")
     problems = check_submission(images_dir, test_json)
     if problems:
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ValueError(f"{images_dir}: not packaged, {len(problems)} problem(s): " + "; ".join(problems[:5]) + more)
+        raise ValueError(f"{images_dir}: not packaged, {problem_summary(problems)}")
     if report is not None and not Path(report).is_file():
         raise FileNotFoundError(f"{report}: report not found")
     code_root = Path(code_root) if code_root else Path(__file__).resolve().parent.parent

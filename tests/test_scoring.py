@@ -12,8 +12,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from course_fixture import write_course_fixture
 from hw6utils.cli import main
 from hw6utils.data import load_test_prompts
-from hw6utils.scoring import (check_submission, compute_stats, frechet_distance, load_inception, save_stats,
-                              score)
+from hw6utils.scoring import (check_submission, compute_stats, frechet_distance, load_inception, problem_summary,
+                              save_stats, score)
 
 try:
     import torchvision  # noqa: F401
@@ -246,3 +246,10 @@ def test_package_writes_the_course_zip_and_refuses_bad_folders(tmp_path):
     assert main(["package", "--student-id", "b12345", "--images", str(images), "--test-json", str(test_json),
                  "--out", str(tmp_path), "--report", str(tmp_path / "missing.pdf")]) == 2
     assert (tmp_path / "hw6_b12345.zip").read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_problem_list_is_cut_to_five_and_counted():
+    assert problem_summary(["missing: a.png"]) == "1 problem(s): missing: a.png"
+    many = problem_summary([f"missing: {i}.png" for i in range(8)])
+    assert many.startswith("8 problem(s): missing: 0.png;") and "4.png" in many and "5.png" not in many
+    assert many.endswith("; and 3 more")
