@@ -13,7 +13,7 @@ from .config import PRESETS, field_help, get_preset, parse_value
 CONFIG_COMMANDS = {
     "train": "train the UNet (resume with --ckpt_path last)",
     "train-vae": "train the small offline autoencoder",
-    "generate": "generate one PNG per test.json prompt into <output_dir>/png_<stage>_<steps>[_<sampler>]/ (or --out)",
+    "generate": "generate one PNG per test.json prompt into <output_dir>/png_<reference|step>_<steps>[_dpmpp]/ (or --out)",
     "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
     "demo": "build the shapes set, train from scratch, and score it beside the reference model",
     "export-reference": "copy a checkpoint's EMA UNet (fp16), schedule and config into data/reference/",
@@ -60,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
             p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
         if name == "generate":
-            p.add_argument("--out", default=None, help="folder for the PNGs [<output_dir>/png_<stage>_<steps>]")
+            p.add_argument("--out", default=None, help="folder for the PNGs [<output_dir>/png_<reference|step>_<steps>[_dpmpp]]")
         if name == "sweep":
             p.add_argument("--guidance", default="2,3,5", help="guidance scales, comma-separated [2,3,5]")
             p.add_argument("--steps", default="15,25,50", help="sampler steps, comma-separated [15,25,50]")
             p.add_argument("--samplers", default=None, help="ddim and/or dpmpp, comma-separated [--sampler's]")
             p.add_argument("--limit", type=non_negative, default=0, help="use only the first N prompts (0 = all)")
-            p.add_argument("--out", default=None, help="folder for sweep.csv/.json/.md [<output_dir>/sweep_<stage>]")
+            p.add_argument("--out", default=None, help="folder for sweep.csv/.json/.md [<output_dir>/sweep_<reference|step>]")
             course = p.add_argument_group("course data: score with FID and CLIP instead of the shapes check "
                                           "(prompts from --test_json, default <data_dir>/test.json)")
             add_scorer_flags(course, required=False)
@@ -242,7 +242,7 @@ def evaluate_stage(cfg, stage: str) -> str:
     """Score one checkpoint on the shapes set's fixed prompts; save the scores and a grid beside the outputs."""
     from .data import shape_test_entries
     from .evaluation import evaluate_shapes, format_scores, image_grid
-    from .sampling import load_model
+    from .sampling import load_model, stage_label
     from .training import pick_device
 
     model = load_model(stage, cfg.train.output_dir, pick_device(cfg.train.device), cfg.sample.use_ema,
@@ -253,7 +253,7 @@ def evaluate_stage(cfg, stage: str) -> str:
                                      cfg.sample.sample_seed, cfg.sample.gen_batch_size)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = "reference" if stage == "reference" else model.path.name
+    name = stage_label(model, stage)
     image_grid(images, cols=12).save(out / f"eval_{name}.png")
     (out / f"eval_{name}.json").write_text(json.dumps(scores, indent=1))
     return format_scores(f"{name} (guidance {cfg.sample.guidance_scale}, {time.time() - start:.0f}s)", scores)
@@ -266,14 +266,14 @@ def sweep_stage(cfg, args) -> str:
     """
     from .data import ensure_writable_dir, shape_test_entries
     from .evaluation import shape_sweep_scorer, sweep, write_sweep
-    from .sampling import load_model
+    from .sampling import load_model, stage_label
     from .training import pick_device
 
     guidance, steps = comma_list(args.guidance, float, "--guidance"), comma_list(args.steps, int, "--steps")
     samplers = comma_list(args.samplers or cfg.sample.sampler, str, "--samplers")
     device = pick_device(cfg.train.device)
     model = load_model(cfg.sample.stage, cfg.train.output_dir, device, cfg.sample.use_ema)
-    name = "reference" if cfg.sample.stage == "reference" else model.path.name
+    name = stage_label(model, cfg.sample.stage)
     out = ensure_writable_dir(args.out or Path(cfg.train.output_dir) / f"sweep_{name}")   # fail before the slow part
     if args.stats:
         from .scoring import load_inception, sweep_scorer

@@ -127,7 +127,7 @@ def scale_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled latents (posterior mean), what the UNet is trained on."""
+    """Images in [-1, 1] -> scaled latents: the posterior mean (training draws mean + std * noise instead)."""
     mean, _ = encode_posterior(vae, images)
     return scale_latents(vae, mean)
 

@@ -265,8 +265,13 @@ def record_difference(out: Path, old: dict, record: dict) -> str:
     return ""
 
 
+def stage_label(model: LoadedModel, stage: str) -> str:
+    """'reference', or the checkpoint's step ('2600' for unet_sch_2600), for output folder names."""
+    return "reference" if stage == "reference" else model.path.name.replace("unet_sch_", "")
+
+
 def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
-    """Generate one PNG per test.json entry into outputs/png_<stage>_<steps>/<image_name>.
+    """Generate one PNG per test.json entry into outputs/png_<reference|step>_<steps>[_dpmpp]/<image_name>.
 
     PNGs already there are kept, so an interrupted run resumes. `<folder>.json` beside the folder records the
     weights, the settings and the prompts; when they differ from this run's, the old folder (and its record)
@@ -275,9 +280,8 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
     s = cfg.sample
     entries = load_test_prompts(test_json_path(cfg))
     model = load_model(s.stage, cfg.train.output_dir, device, s.use_ema, s.sampler)
-    stage_name = model.path.name.replace("unet_sch_", "") if s.stage != "reference" else "reference"
     suffix = "" if s.sampler == "ddim" else f"_{s.sampler}"
-    out = Path(out_dir or Path(cfg.train.output_dir) / f"png_{stage_name}_{s.num_inference_steps}{suffix}").resolve()
+    out = Path(out_dir or Path(cfg.train.output_dir) / f"png_{stage_label(model, s.stage)}_{s.num_inference_steps}{suffix}").resolve()
     record_path, record = out.with_name(out.name + ".json"), generation_record(model, cfg, entries)
     if any(out.glob("*.png")):
         old = json.loads(record_path.read_text()) if record_path.is_file() else None

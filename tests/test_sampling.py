@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,15 @@ def test_dpm_solver_uses_the_training_schedule_and_samples(parts):
     assert first.shape == (1, 3, 64, 64) and torch.equal(first, sample(unet, solver, vae, text, null, [3], 4.0, 5))
     with pytest.raises(ValueError, match="sampler must be 'ddim' or 'dpmpp', got 'euler'"):
         make_sampler(ddpm.config, "euler")
+
+
+def test_generate_evaluate_and_sweep_name_their_outputs_alike(smoke_cfg, shapes_dir):
+    from hw6utils.cli import main
+    train(apply_overrides(smoke_cfg, max_steps=1, eval_freq=0), progress=False)
+    out_dir = smoke_cfg.train.output_dir
+    flags = ["--preset", "smoke", "--output_dir", out_dir, "--data_dir", str(shapes_dir), "--stage", "last",
+             "--num_inference_steps", "2"]
+    assert main(["evaluate", *flags]) == 0
+    assert main(["sweep", *flags, "--steps", "2", "--guidance", "2", "--limit", "2"]) == 0
+    made = {p.name for p in Path(out_dir).iterdir()}
+    assert {"eval_1.json", "eval_1.png", "sweep_1"} <= made, made
