@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
-from hw6utils.models import count_params  # noqa: E402
+from hw6utils.models import amp_dtype, count_params  # noqa: E402
 from hw6utils.sampling import (cpu_conv_backend, expand_text, guided_noise_pred, initial_noise, load_model,  # noqa: E402
                                make_sampler, unet_kwargs)
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
@@ -132,7 +132,7 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
     def run():  # bf16 on CUDA, as `hw6 generate` runs
         x = latents
         for t in scheduler.timesteps:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+            with torch.autocast(device.type, dtype=amp_dtype(device, "bf16"), enabled=device.type == "cuda"), \
                     conv_backend(device, unet_batch):
                 noise_pred = predict(unet, x, t, cond, null, 7.5).float()
             x = scheduler.step(noise_pred, t, x).prev_sample

@@ -71,7 +71,8 @@ class TrainConfig:
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule")
     prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
-    mixed_precision: str = _f("bf16", "'bf16' autocast or 'no' (fp32)")
+    mixed_precision: str = _f("bf16", "'bf16' autocast, 'fp16' autocast + GradScaler (what 'bf16' becomes on GPUs "
+                                       "without bf16: T4, V100), or 'no' (fp32)")
     cache_latents: bool = _f(True, "encode images and captions once before training (both encoders are frozen)")
     eval_freq: int = _f(500, "save a sample grid every N steps (0 = never)")
     eval_metric: str = _f("", "also score the EMA model every eval_freq steps and keep the best checkpoint "
@@ -89,7 +90,8 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default)")
     # speed flags, each measured by bench/bench.py --flags (README "Speed" has the figures)
-    tf32: bool = _f(False, "CUDA: TF32 for the fp32 matmuls and convolutions left outside bf16 autocast")
+    tf32: bool = _f(False, "CUDA: TF32 for the fp32 matmuls left outside autocast (cuDNN convolutions use "
+                           "TF32 by PyTorch's default either way)")
     fused_adamw: bool = _f(True, "CUDA: AdamW's fused kernel (one launch for all parameters)")
     channels_last: bool = _f(False, "UNet weights and inputs in channels_last memory format")
     compile: bool = _f(False, "torch.compile the UNet (compiles for a minute or more; pays off on long GPU runs)")
@@ -173,7 +175,7 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
 
 CHOICES = {"lr_schedule": ("cosine", "constant", "linear", "cosine_with_restarts", "polynomial"),
            "prediction_type": ("epsilon", "v_prediction"),
-           "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "no"),
+           "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "fp16", "no"),
            "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
 AT_LEAST_ONE = ("image_size", "max_text_len", "max_steps", "batch_size", "grad_accum", "num_train_timesteps",
                 "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size", "vae_steps",

@@ -1,6 +1,7 @@
 """Models built from the config: the UNet trained from scratch and the small offline autoencoder."""
 from __future__ import annotations
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .config import Config
@@ -49,3 +50,20 @@ def build_vae(cfg: Config) -> AutoencoderKL:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def amp_dtype(device: torch.device, mixed_precision: str):
+    """The autocast dtype for cfg.train.mixed_precision on this device, or None for fp32.
+
+    'bf16' needs no GradScaler (it has fp32's exponent range), but CUDA GPUs before Ampere (compute capability
+    below 8.0: T4, V100) have no bf16 convolutions in cuDNN (`is_bf16_supported()` says True there only
+    because bf16 tensors can be emulated), so 'bf16' runs as fp16 on them, with a GradScaler in training.
+    """
+    if mixed_precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {mixed_precision!r}")
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16" or (device.type == "cuda"
+                                     and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        return torch.float16
+    return torch.bfloat16

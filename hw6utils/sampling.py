@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import REFERENCE_DIR, Config, load_config, test_json_path
 from .data import ensure_writable_dir, free_timestamped_path, load_test_prompts, write_json_atomic
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
+from .models import amp_dtype
 
 
 def make_sampler(noise_scheduler_config: dict, kind: str = "ddim"):
@@ -65,7 +66,8 @@ def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, guidance_sc
     if guidance_scale == 1.0:
         return unet(latents, t, **unet_kwargs(unet, text)).sample
     cond = concat_text(expand_text(null_text, latents.shape[0]), text)
-    noise_uncond, noise_text = unet(torch.cat([latents, latents]), t, **unet_kwargs(unet, cond)).sample.chunk(2)
+    # combined in fp32: under autocast the halves are bf16, and s * (difference) would magnify their rounding
+    noise_uncond, noise_text = unet(torch.cat([latents, latents]), t, **unet_kwargs(unet, cond)).sample.float().chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
@@ -114,11 +116,12 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     # image still depends on its own seed alone
     step_generators = [torch.Generator().manual_seed(int(s) + (1 << 32)) for s in seeds] if eta > 0 else None
     unet_batch = latents.shape[0] * (1 if guidance_scale == 1.0 else 2)  # CFG doubles the UNet's batch
+    amp = amp_dtype(device, mixed_precision)  # bf16, fp16 on GPUs without bf16, or None (fp32)
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"), \
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
                 cpu_conv_backend(device, unet_batch):
             noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
         extra = {}
@@ -134,7 +137,7 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
         if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
             predicted = getattr(out, "pred_original_sample", None)
             snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         images = decode_latents(vae, latents)
     return (images, snapshots) if return_steps else images
 

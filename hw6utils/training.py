@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_t
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history, training_scorer
-from .models import build_unet, build_vae, check_text_hidden_size, count_params
+from .models import amp_dtype, build_unet, build_vae, check_text_hidden_size, count_params
 from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sample, unet_kwargs
 
 
@@ -42,16 +43,30 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # so synchronize() and the memory figures measure this GPU, not GPU 0
     return device
 
 
 def autocast(device: torch.device, mixed_precision: str):
-    """bf16 autocast on CPU and CUDA (no GradScaler needed: bf16 has fp32's exponent range)."""
-    if mixed_precision not in ("bf16", "no"):
-        raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {mixed_precision!r}")
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """Autocast in the dtype `amp_dtype` picks (bf16, or fp16 on GPUs without bf16), or nothing for 'no'."""
+    dtype = amp_dtype(device, mixed_precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
+    """fp16's small exponent range lets small gradients underflow to 0: the scaler multiplies the loss before
+    backward and divides the gradients again before the step (skipping steps whose gradients overflowed).
+    For bf16 and fp32 it is disabled, and each of its calls passes straight through."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, mixed_precision) == torch.float16)
+
+
+def precision_text(device: torch.device, mixed_precision: str) -> str:
+    """What runs, for the start-of-training line: 'bf16', 'fp32', or fp16 and why."""
+    dtype = amp_dtype(device, mixed_precision)
+    if dtype == torch.float16:
+        return "fp16 + GradScaler" + (" (this GPU has no bf16)" if mixed_precision == "bf16" else "")
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def make_noise_scheduler(cfg: Config) -> DDPMScheduler:
@@ -188,8 +203,15 @@ def image_batches(dataset, cfg: Config, device, start: int = 0, shard: tuple = (
         dataset.epoch = epoch
         cuda = device.type == "cuda"
         yield from torch.utils.data.DataLoader(dataset, batch_sampler=mine[skip:].tolist(),
-                                               num_workers=4 if cuda else 0, pin_memory=cuda)
+                                               num_workers=4 if cuda else 0, pin_memory=cuda,
+                                               worker_init_fn=ignore_sigint if cuda else None)
         epoch, skip = epoch + 1, 0
+
+
+def ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves a checkpoint
+    (Ctrl-C signals the whole process group: a worker killed by it would break the step instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def init_distributed(device_name: str) -> tuple:
@@ -203,7 +225,9 @@ def init_distributed(device_name: str) -> tuple:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone draws previews, scores and saves while the others wait in the next collective: allow it
+        # more than the default 10 minutes (a hw6 checkpoint is ~4 GB, a FID evaluation generates images)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), world, device
 
 
@@ -221,8 +245,8 @@ def setup_unet(cfg: Config, text_hidden: int, device) -> tuple:
     """(unet, model, optimizer): a fresh UNet, the module the training step calls (unet itself, or its
     torch.compile'd wrapper sharing the same parameters) and AdamW, with the speed flags of cfg.train."""
     t = cfg.train
-    if device.type == "cuda":  # TF32 for whatever runs in fp32 outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
+    if device.type == "cuda":  # TF32 for the fp32 matmuls outside autocast; cuDNN's TF32 convolutions stay on
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32  # (PyTorch's defaults: matmul off, cuDNN on)
     torch.manual_seed(t.seed)  # the UNet's initial weights (the same on every rank)
     unet = build_unet(cfg, text_hidden).to(device).train()
     if t.channels_last:
@@ -277,10 +301,11 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     if world > 1:  # averages gradients across processes during backward
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     effective_batch = t.batch_size * t.grad_accum * world
+    scaler = grad_scaler(device, t.mixed_precision)
     if main_process:
         print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
               f"effective batch {t.batch_size} x {t.grad_accum}" + (f" x {world} processes" if world > 1 else "") +
-              f" = {effective_batch}, steps {start_step} -> {t.max_steps}, {t.mixed_precision} on {device}")
+              f" = {effective_batch}, steps {start_step} -> {t.max_steps}, {precision_text(device, t.mixed_precision)} on {device}")
 
     bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps,
                disable=not (progress and main_process))
@@ -297,13 +322,15 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                         raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping (last checkpoint "
                                                  "kept). Lower lr or check the data.")
                     # divide by grad_accum so the summed gradients equal the big-batch mean
-                    (loss / t.grad_accum).backward()
+                    scaler.scale(loss / t.grad_accum).backward()
                 window.append(loss.item())
                 timed += 1
             if t.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients (fp16 only; otherwise a no-op)
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
             lr_used = lr_scheduler.get_last_lr()[0]
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            scaler.update()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -648,7 +675,9 @@ def train_vae(cfg: Config, progress: bool = True) -> Path:
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=min(100, v.vae_steps // 10),
                                  num_training_steps=v.vae_steps)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    print(f"training the VAE: {count_params(vae) / 1e6:.2f}M params, {len(images)} images, {v.vae_steps} steps")
+    scaler = grad_scaler(device, cfg.train.mixed_precision)
+    print(f"training the VAE: {count_params(vae) / 1e6:.2f}M params, {len(images)} images, {v.vae_steps} steps, "
+          f"{precision_text(device, cfg.train.mixed_precision)}")
     bar = tqdm(range(v.vae_steps), disable=not progress)
     for _ in bar:
         batch = images[torch.randint(len(images), (v.vae_batch_size,), generator=generator)].to(device)
@@ -657,9 +686,11 @@ def train_vae(cfg: Config, progress: bool = True) -> Path:
             recon = vae.decode(posterior.sample(generator=None)).sample
         recon = recon.float()
         loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch) + v.vae_kl_weight * posterior.kl().mean()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -165,3 +165,16 @@ def test_generate_evaluate_and_sweep_name_their_outputs_alike(smoke_cfg, shapes_
     assert main(["sweep", *flags, "--steps", "2", "--guidance", "2", "--limit", "2"]) == 0
     made = {p.name for p in Path(out_dir).iterdir()}
     assert {"eval_1.json", "eval_1.png", "sweep_1"} <= made, made
+
+
+def test_guidance_is_combined_in_fp32_under_autocast(parts):
+    cfg, unet, _, encode = parts
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor(500)
+    text, null = encode(["A red circle.", "A blue star."]), encode([""])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        halves = unet(torch.cat([latents, latents]), t, **unet_kwargs(unet, {k: torch.cat(
+            [v.expand(2, *v.shape[1:]), text[k]]) for k, v in null.items()})).sample
+        guided = guided_noise_pred(unet, latents, t, text, null, 7.5)
+    assert halves.dtype == torch.bfloat16 and guided.dtype == torch.float32
+    uncond, cond = halves.float().chunk(2)
+    assert torch.allclose(guided, uncond + 7.5 * (cond - uncond), atol=1e-5)

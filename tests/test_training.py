@@ -127,3 +127,44 @@ def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp
         next(vae.parameters()).mul_(1.01)
     assert not torch.equal(cache_latents(load_course_data(data_dir), vae, cfg)[0], mean)
     assert len(list((Path(cfg.train.output_dir) / "cache").iterdir())) == 3
+
+
+def test_precision_bf16_or_fp16_where_a_gpu_has_no_bf16(monkeypatch):
+    from hw6utils.models import amp_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16 and amp_dtype(cpu, "fp16") == torch.float16
+    assert amp_dtype(cpu, "no") is None
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        amp_dtype(cpu, "fp8")
+    # T4 / V100: is_bf16_supported() is True there (emulation), but there are no bf16 convolutions
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or False)
+    assert amp_dtype(cuda, "bf16") == torch.float16 and asked == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype(cuda, "bf16") == torch.bfloat16
+
+
+def test_fp16_trains_with_a_grad_scaler(smoke_cfg, monkeypatch, capsys):
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, x: scaled.append(self.is_enabled()) or
+                        real_scale(self, x))
+    cfg = apply_overrides(smoke_cfg, max_steps=30, batch_size=16, lr=3e-3, warmup_steps=5, log_freq=5, eval_freq=0,
+                          mixed_precision="fp16")
+    history = train(cfg, progress=False)
+    assert "fp16 + GradScaler on cpu" in capsys.readouterr().out
+    assert len(scaled) == 30 and all(scaled)  # every micro-batch's loss was scaled before backward
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"], history
+
+
+def test_dataloader_workers_leave_ctrl_c_to_the_main_process():
+    import signal
+    from hw6utils.training import ignore_sigint
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        ignore_sigint(0)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
