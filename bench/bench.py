@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
-from hw6utils.models import amp_dtype, count_params  # noqa: E402
+from hw6utils.models import autocast, count_params  # noqa: E402
 from hw6utils.sampling import (cpu_conv_backend, expand_text, guided_noise_pred, initial_noise, load_model,  # noqa: E402
-                               make_sampler, unet_kwargs)
+                               make_sampler, onednn_off, unet_kwargs)
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
                                prepare_data, setup_unet)
 
@@ -132,8 +132,7 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
     def run():  # bf16 on CUDA (fp16 on GPUs without bf16), as `hw6 generate` runs
         x = latents
         for t in scheduler.timesteps:
-            with torch.autocast(device.type, dtype=amp_dtype(device, "bf16"), enabled=device.type == "cuda"), \
-                    conv_backend(device, unet_batch):
+            with autocast(device, "bf16" if device.type == "cuda" else "no"), conv_backend(device, unet_batch):
                 noise_pred = predict(unet, x, t, cond, null, 7.5).float()
             x = scheduler.step(noise_pred, t, x).prev_sample
         return x
@@ -203,11 +202,7 @@ def main(argv=None) -> None:
     cfg_rows(f"sampling DDIM {args.sample_steps} steps")
     if args.compare_onednn and device.type == "cpu":
         cfg_rows("  PyTorch's choice", lambda device, unet_batch: contextlib.nullcontext())
-        torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
-        try:
-            cfg_rows("  oneDNN off")
-        finally:
-            torch.backends.mkldnn.enabled = True
+        cfg_rows("  oneDNN off", lambda device, unet_batch: onednn_off())
 
     if (REFERENCE_DIR / "hw6_config.json").is_file() and device.type == "cpu":
         from hw6utils.sampling import generate_images
@@ -268,7 +263,7 @@ def mfu_text(unet, cfg, images_per_s: float, device) -> str:
     latents = torch.randn(1, cfg.model.latent_channels, size, size, device=device)
     text = {"emb": torch.randn(1, length, width, device=device), "mask": torch.ones(1, length, device=device),
             "pooled": torch.randn(1, width, device=device)}
-    with FlopCounterMode(display=False) as counter, torch.autocast("cuda", dtype=amp_dtype(device, "bf16")):
+    with FlopCounterMode(display=False) as counter, autocast(device, "bf16"):
         unet(latents, torch.tensor([500], device=device), **unet_kwargs(unet, text)).sample.float().sum().backward()
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)

@@ -1,10 +1,12 @@
 """Models built from the config: the UNet trained from scratch and the small offline autoencoder."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from .config import Config
+from .config import CHOICES, Config
 
 
 def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DConditionModel:
@@ -59,7 +61,7 @@ def amp_dtype(device: torch.device, mixed_precision: str):
     below 8.0: T4, V100) have no bf16 convolutions in cuDNN (`is_bf16_supported()` says True there only
     because bf16 tensors can be emulated), so 'bf16' runs as fp16 on them, with a GradScaler in training.
     """
-    if mixed_precision not in ("bf16", "fp16", "no"):
+    if mixed_precision not in CHOICES["mixed_precision"]:
         raise ValueError(f"mixed_precision must be 'bf16', 'fp16' or 'no', got {mixed_precision!r}")
     if mixed_precision == "no":
         return None
@@ -67,3 +69,9 @@ def amp_dtype(device: torch.device, mixed_precision: str):
                                      and not torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.float16
     return torch.bfloat16
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """Autocast in the dtype `amp_dtype` picks (bf16, or fp16 on GPUs without bf16), or nothing for 'no'."""
+    dtype = amp_dtype(device, mixed_precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

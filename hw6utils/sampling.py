@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import REFERENCE_DIR, Config, load_config, test_json_path
 from .data import ensure_writable_dir, free_timestamped_path, load_test_prompts, write_json_atomic
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
-from .models import amp_dtype
+from .models import autocast
 
 
 def make_sampler(noise_scheduler_config: dict, kind: str = "ddim"):
@@ -72,6 +72,16 @@ def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, guidance_sc
 
 
 @contextlib.contextmanager
+def onednn_off():
+    """Turn oneDNN (mkldnn) convolutions off for the block, so PyTorch uses its native kernel."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def cpu_conv_backend(device, unet_batch: int):
     """On the CPU, run UNet calls of up to 4 rows (1-2 images with guidance) with PyTorch's native convolution.
 
@@ -80,15 +90,7 @@ def cpu_conv_backend(device, unet_batch: int):
     (tiny reference UNet on 2 cores, ms per call at batch 2 / 4 / 8: oneDNN 13.0 / 16.0 / 21.7, native
     10.3 / 14.6 / 23.0; `bench/bench.py --compare_onednn`). GPUs and larger batches keep PyTorch's choice.
     """
-    if device.type != "cpu" or unet_batch > 4:
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # (the flags() context manager warns about Intel-GPU TF32)
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    return onednn_off() if device.type == "cpu" and unet_batch <= 4 else contextlib.nullcontext()
 
 
 def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
@@ -116,13 +118,11 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     # image still depends on its own seed alone
     step_generators = [torch.Generator().manual_seed(int(s) + (1 << 32)) for s in seeds] if eta > 0 else None
     unet_batch = latents.shape[0] * (1 if guidance_scale == 1.0 else 2)  # CFG doubles the UNet's batch
-    amp = amp_dtype(device, mixed_precision)  # bf16, fp16 on GPUs without bf16, or None (fp32)
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None), \
-                cpu_conv_backend(device, unet_batch):
+        with autocast(device, mixed_precision), cpu_conv_backend(device, unet_batch):
             noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
         extra = {}
         if isinstance(scheduler, DDIMScheduler):
@@ -137,7 +137,7 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
         if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
             predicted = getattr(out, "pred_original_sample", None)
             snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))
-    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with autocast(device, mixed_precision):  # bf16, fp16 on GPUs without bf16, or fp32 for 'no'
         images = decode_latents(vae, latents)
     return (images, snapshots) if return_steps else images
 

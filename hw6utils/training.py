@@ -28,7 +28,7 @@ from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_t
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history, training_scorer
-from .models import amp_dtype, build_unet, build_vae, check_text_hidden_size, count_params
+from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params
 from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sample, unet_kwargs
 
 
@@ -46,12 +46,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # so synchronize() and the memory figures measure this GPU, not GPU 0
     return device
-
-
-def autocast(device: torch.device, mixed_precision: str):
-    """Autocast in the dtype `amp_dtype` picks (bf16, or fp16 on GPUs without bf16), or nothing for 'no'."""
-    dtype = amp_dtype(device, mixed_precision)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
