@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench.py --preset hw6 --stand_in --flags --generate 1063   # on a GPU
 
 Prints: parameter count; training images/s with the latent/text cache and without it (the course's way:
-both encoders on every step), with the split of a step into data, encoders, UNet forward+backward and
-optimizer; DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls, at
+both encoders on every step), for steps run back to back as `train` runs them, and the split of a step into
+data, encoders, UNet forward+backward and optimizer (each phase timed alone, between synchronisations); DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls, at
 several batch sizes; the explorer's case (4 images of the reference model); peak memory; on CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
 its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
-from hw6utils.models import autocast, count_params  # noqa: E402
+from hw6utils.models import autocast, count_params, to_device  # noqa: E402
 from hw6utils.sampling import (cpu_conv_backend, expand_text, guided_noise_pred, initial_noise, load_model,  # noqa: E402
                                make_sampler, onednn_off, unet_kwargs)
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
-                               prepare_data, setup_unet)
+                               prepare_data, setup_unet, step_report)
 
 # dense bf16 (fp16 on T4) by device-name substring, the first match wins: the PCIe and NVL H100s are slower
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
@@ -79,35 +79,54 @@ def stand_in_encoders(cfg, root: Path) -> dict:
     return {"text_encoder": str(root / "text"), "vae": str(root / "vae"), "vae_subfolder": "", "data_dir": data_dir}
 
 
-def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, steps: int, warmup: int = 1) -> dict:
-    """Seconds per optimizer step spent in data, encoders, UNet forward+backward and optimizer."""
+def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, steps: int, warmup: int = 1) -> tuple:
+    """(seconds per optimizer step run back to back, as `train` runs them; the split of a step into data, encoders,
+    UNet forward+backward and optimizer, each phase timed between two synchronisations).
+
+    On a GPU the two differ: back to back, the CPU queues the next kernels while the GPU still runs the last
+    ones (train reads the GPU once per step); the synchronised phases add up the CPU's launch time as well.
+    """
     generator = torch.Generator().manual_seed(0)
     null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
+
+    def draw():  # cached: latents and text ready to use; uncached: images and captions from the DataLoader
+        return next(prepared["batches"]) if "dataset" in prepared else get_batch(prepared, cfg, generator, device)
+
+    def encode(drawn):  # uncached: both frozen encoders on every step, as the course's script ran them
+        if "dataset" not in prepared:
+            return drawn
+        images, captions = drawn
+        mean, std = encode_posterior(prepared["vae"], images)
+        z = mean + std * to_device(torch.randn(mean.shape, generator=generator), device)
+        return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
+
+    def loss_backward(latents, text):
+        loss = diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg, generator)
+        loss.backward()
+        return loss.detach()
+
+    def update():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     split = {"data": 0.0, "encoders": 0.0, "unet": 0.0, "optimizer": 0.0}
     for step in range(steps + warmup):  # the warm-up steps are not counted
         times = {}
-        if "dataset" in prepared:
-            (images, captions), times["data"] = timed(device, lambda: next(prepared["batches"]))
-
-            def encode():
-                mean, std = encode_posterior(prepared["vae"], images.to(device))
-                z = mean + std * torch.randn(mean.shape, generator=generator).to(device)
-                return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
-            (latents, text), times["encoders"] = timed(device, encode)
-        else:
-            (latents, text), times["data"] = timed(device, lambda: get_batch(prepared, cfg, generator, device))
-            times["encoders"] = 0.0
-        _, times["unet"] = timed(device, lambda: diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg,
-                                                                generator).backward())
-
-        def update():
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        drawn, times["data"] = timed(device, draw)
+        (latents, text), times["encoders"] = timed(device, lambda: encode(drawn))
+        _, times["unet"] = timed(device, lambda: loss_backward(latents, text))
         _, times["optimizer"] = timed(device, update)
         if step >= warmup:
             for key in split:
                 split[key] += times[key] / steps
-    return split
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = loss_backward(*encode(draw()))
+        update()
+        step_report([loss], False, 1)  # train's one read of the GPU per step
+    sync(device)
+    return (time.perf_counter() - start) / steps, split
 
 
 def two_call_noise_pred(unet, latents, t, text, null_text, guidance_scale):
@@ -174,13 +193,13 @@ def main(argv=None) -> None:
         if not cached:
             prepared["batches"] = image_batches(prepared["dataset"], run_cfg, device)
         unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
-        split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
-                                 args.train_steps, warmup=20 if run_cfg.train.compile else 2)
+        seconds, split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
+                                          args.train_steps, warmup=20 if run_cfg.train.compile else 2)
         total = sum(split.values())
-        results[cached] = run_cfg.train.batch_size / total
+        results[cached] = run_cfg.train.batch_size / seconds
         shares = ", ".join(f"{k} {v / total:.1%}" for k, v in split.items())
         print(f"training {'cached  ' if cached else 'uncached'}: {results[cached]:8.1f} images/s "
-              f"(batch {run_cfg.train.batch_size}; {shares})")
+              f"(batch {run_cfg.train.batch_size}; phase by phase {run_cfg.train.batch_size / total:.1f} images/s: {shares})")
     if not args.skip_uncached:
         print(f"cache speed-up: {results[True] / results[False]:.2f}x")
     print(f"UNet parameters: {count_params(unet):,}")
@@ -229,9 +248,9 @@ def time_flags(cfg, prepared, device, args) -> None:
     base = None
     for label, run_cfg in runs:
         unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
-        split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
-                                 args.train_steps, warmup=20 if run_cfg.train.compile else 2)
-        speed = run_cfg.train.batch_size / sum(split.values())
+        seconds, _ = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
+                                      args.train_steps, warmup=20 if run_cfg.train.compile else 2)
+        speed = run_cfg.train.batch_size / seconds
         base = base or speed
         mfu = f"; {mfu_text(unet, run_cfg, speed, device)}" if device.type == "cuda" else ""
         print(f"flags {label:18s} {speed:8.1f} images/s  ({speed / base:.2f}x all off){mfu}")

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
 from .config import REFERENCE_DIR, REPO_ROOT
 from .data import count_too_long
+from .models import to_device
 
 
 def resolve_text_encoder(name: str) -> str:
@@ -72,10 +73,11 @@ def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
         warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
                       f"truncated ({hint})", stacklevel=2)
     tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                       return_tensors="pt").to(model.device)
-    out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+                       return_tensors="pt")
+    input_ids, mask = to_device(tokens.input_ids, model.device), to_device(tokens.attention_mask, model.device)
+    out = model(input_ids=input_ids, attention_mask=mask)
     emb = out.last_hidden_state.float()
-    mask = tokens.attention_mask.float()
+    mask = mask.float()
     if isinstance(model, CLIPTextModel):
         pooled = out.pooler_output.float()
     else:
@@ -116,13 +118,13 @@ def latent_shift_scale(vae: AutoencoderKL):
 @torch.no_grad()
 def encode_posterior(vae: AutoencoderKL, images: torch.Tensor):
     """Images (B, 3, H, W) in [-1, 1] -> posterior mean and std (B, C, h, w), before scaling."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    dist = vae.encode(to_device(images, vae.device).to(vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
 def scale_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
     shift, scale = latent_shift_scale(vae)
-    return (z - shift.to(z.device)) * scale.to(z.device)
+    return (z - to_device(shift, z.device)) * to_device(scale, z.device)
 
 
 @torch.no_grad()
@@ -136,7 +138,7 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
     shift, scale = latent_shift_scale(vae)
-    z = latents.float() / scale.to(latents.device) + shift.to(latents.device)
+    z = latents.float() / to_device(scale, latents.device) + to_device(shift, latents.device)
     images = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
     return (images / 2 + 0.5).clamp(0, 1)
 

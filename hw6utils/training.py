@@ -28,7 +28,7 @@ from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_t
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size, to_pil)
 from .evaluation import image_grid, plot_history, training_scorer
-from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params
+from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params, to_device
 from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sample, unet_kwargs
 
 
@@ -158,23 +158,25 @@ def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, s
     if "dataset" in prepared:
         images, captions = next(prepared["batches"])
         mean, std = encode_posterior(prepared["vae"], images)  # on the VAE's device
-        z = mean + std * torch.randn((full, *mean.shape[1:]), generator=generator)[keep].to(mean.device)
+        z = mean + std * to_device(torch.randn((full, *mean.shape[1:]), generator=generator)[keep], mean.device)
         text = {k: v.to(device) for k, v in prepared["encode"](list(captions)).items()}
         return scale_latents(prepared["vae"], z).to(device), text
     mean, std = prepared["latent_mean"], prepared["latent_std"]
-    # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU
+    # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU, and
+    # to_device copies them there without making the CPU wait for the GPU
     idx = torch.randint(mean.shape[1], (full,), generator=generator)[keep]
     view = torch.randint(mean.shape[0], (full,), generator=generator)[keep]  # 1 = the flipped copy
     eps = torch.randn((full, *mean.shape[2:]), generator=generator)[keep]
     # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
     on = mean.device
-    pick = (view.to(on), idx.to(on))
-    z = mean[pick] + std[pick] * eps.to(on)
+    pick = (to_device(view, on), to_device(idx, on))
+    z = mean[pick] + std[pick] * to_device(eps, on)
     # one caption per image, drawn afresh among its key's given descriptions
     choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
     caption_ids = torch.tensor([prepared["caption_ids"][i][c % len(prepared["caption_ids"][i])]
                                 for i, c in zip(idx.tolist(), choice)])
-    text = {k: v[caption_ids.to(on)].to(device) for k, v in prepared["text_table"].items()}
+    caption_ids = to_device(caption_ids, on)
+    text = {k: v[caption_ids].to(device) for k, v in prepared["text_table"].items()}
     return scale_latents(prepared["vae"], z.to(device)), text
 
 
@@ -225,14 +227,19 @@ def init_distributed(device_name: str) -> tuple:
     return dist.get_rank(), world, device
 
 
-def mean_over_ranks(value: float, world: int, device=None) -> float:
-    """The mean of a number over all processes. The tensor lives on the training device: NCCL has no CPU
-    collectives (gloo, for CPU runs, has both)."""
-    if world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / world
+def step_report(losses: list, interrupted: bool, world: int) -> tuple:
+    """(the micro-batch losses as floats, averaged over processes; whether Ctrl-C was pressed in any process).
+
+    Reading a GPU number makes the CPU wait until the GPU has caught up, so the loop reads once per step, all
+    at once, rather than once per micro-batch. Under torchrun one all-reduce on the training device (NCCL has no
+    CPU collectives) makes every process see the same losses and the same decision to stop.
+    """
+    flag = torch.full((1,), float(interrupted), device=losses[0].device)  # made on the device: no copy
+    report = torch.cat([torch.stack(losses).float(), flag])
+    if world > 1:
+        dist.all_reduce(report)
+    values = (report / world).tolist()
+    return values[:-1], values[-1] > 0
 
 
 def setup_unet(cfg: Config, text_hidden: int, device) -> tuple:
@@ -273,16 +280,16 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     # diffusers' plain "constant" ignores the warm-up; "constant_with_warmup" is the constant rate after it
     lr_scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
                                  num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay > 0 else None
+    # foreach: the EMA update is two fused kernels over all weights rather than three per weight tensor
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     scorer = training_scorer(cfg) if main_process else None  # loads its networks now: a missing file fails early
     generator = torch.Generator().manual_seed(t.seed)
+    scaler = grad_scaler(device, t.mixed_precision)
     start_step, history, window = 0, [], []
     resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
     if resume_from is not None:
         start_step, history, window = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator,
-                                                          t.lr, t.weight_decay)
-        if world > 1:  # the saved losses are rank 0's alone: start the log window afresh rather than mix them
-            window = []
+                                                          t.lr, t.weight_decay, scaler)
         if start_step >= t.max_steps and main_process:
             print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
         if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
@@ -295,7 +302,6 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     if world > 1:  # averages gradients across processes during backward
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     effective_batch = t.batch_size * t.grad_accum * world
-    scaler = grad_scaler(device, t.mixed_precision)
     if main_process:
         print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
               f"effective batch {t.batch_size} x {t.grad_accum}" + (f" x {world} processes" if world > 1 else "") +
@@ -306,19 +312,23 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
     with stop_on_interrupt() as interrupted:
         for step in bar:
+            micro_losses = []
             for micro in range(t.grad_accum):
                 latents, text = get_batch(prepared, cfg, generator, device, shard)          # x_0 and its caption
                 # DDP: all-reduce the gradients only after the last micro-batch of the step
                 sync = world == 1 or micro == t.grad_accum - 1
                 with contextlib.nullcontext() if sync else model.no_sync():
                     loss = diffusion_loss(model, noise_scheduler, latents, text, null_text, cfg, generator, shard)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; stopping (last checkpoint "
-                                                 "kept). Lower lr or check the data.")
                     # divide by grad_accum so the summed gradients equal the big-batch mean
                     scaler.scale(loss / t.grad_accum).backward()
-                window.append(loss.item())
+                micro_losses.append(loss.detach())  # kept on the device: reading it now would stall the GPU
                 timed += 1
+            # the step's one GPU->CPU read: the losses (averaged over processes) and whether Ctrl-C was pressed
+            losses, stop = step_report(micro_losses, interrupted(), world)
+            if not all(map(math.isfinite, losses)):  # before the optimizer step: the weights stay finite
+                raise FloatingPointError(f"loss is {next(x for x in losses if not math.isfinite(x))} at step {step + 1};"
+                                         " stopping (last checkpoint kept). Lower lr or check the data.")
+            window += losses
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients (fp16 only; otherwise a no-op)
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
@@ -332,15 +342,13 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             done = step + 1
             if done % t.log_freq == 0 or done == t.max_steps:
                 elapsed = time.time() - tick
-                record = {"step": done, "loss": mean_over_ranks(sum(window) / len(window), world, device),
-                          "lr": lr_used,
+                record = {"step": done, "loss": sum(window) / len(window), "lr": lr_used,
                           "images_per_s": timed * t.batch_size * world / max(elapsed, 1e-9)}
                 history.append(record)
                 if main_process:
                     append_csv(out_dir / "loss_log.csv", record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 window, tick, timed = [], time.time(), 0
-            stop = interrupted() if world == 1 else mean_over_ranks(float(interrupted()), world, device) > 0  # all agree
             new_best = None
             if main_process and t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
                 save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
@@ -349,7 +357,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             if main_process and (done % t.save_freq == 0 or done == t.max_steps or stop or new_best):
                 best = read_best(out_dir / "ckpt_last")
                 save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator,
-                                history, protect={resume_from, best and best["path"]}, window=window)
+                                history, protect={resume_from, best and best["path"]}, window=window, scaler=scaler)
                 if new_best:  # written after its checkpoint is complete
                     write_json_atomic(out_dir / "ckpt_last" / "best.json", new_best)
             if stop:
@@ -400,11 +408,11 @@ def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, 
     batch = latents.shape[0]
     full, keep = batch * shard[1], slice(shard[0] * batch, (shard[0] + 1) * batch)
     # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
-    drop = (torch.rand(full, generator=generator)[keep] < t.cond_drop_prob).to(device)
+    drop = to_device(torch.rand(full, generator=generator)[keep] < t.cond_drop_prob, device)
     text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
             for k, v in text.items()}
-    noise = torch.randn((full, *latents.shape[1:]), generator=generator)[keep].to(device)       # eps ~ N(0, I)
-    timesteps = torch.randint(0, t.num_train_timesteps, (full,), generator=generator)[keep].to(device)
+    noise = to_device(torch.randn((full, *latents.shape[1:]), generator=generator)[keep], device)  # eps ~ N(0, I)
+    timesteps = to_device(torch.randint(0, t.num_train_timesteps, (full,), generator=generator)[keep], device)
     # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if t.channels_last:
@@ -511,12 +519,13 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list, protect=(), window=()) -> Path:
+                    generator: torch.Generator, history: list, protect=(), window=(), scaler=None) -> Path:
     """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
     the EMA weights), scheduler/ (the noise schedule), hw6_config.json, and training_state.pt (optimizer,
-    LR scheduler, step, RNG states, history, and the losses of the steps since the last log line).
+    LR scheduler, fp16's loss scale, step, RNG states, history, and the losses of the steps since the last log
+    line).
     """
     root = Path(out_dir) / "ckpt_last"
     final = root / f"unet_sch_{step}"
@@ -533,7 +542,7 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "ema_optimization_step": ema.optimization_step if ema is not None else 0,
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "loss_window": list(window)},
+                    "loss_window": list(window), "grad_scaler": scaler.state_dict() if scaler is not None else {}},
                    tmp / "training_state.pt")
         fsync_tree(tmp)  # on disk before the rename makes it a checkpoint (a power cut, not just a crash)
     except Exception as err:  # a full disk shows as OSError, SafetensorError or torch's RuntimeError
@@ -610,7 +619,7 @@ def resolve_resume(ckpt_path: str, out_dir: Path) -> Path:
 
 
 def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator, lr: float | None = None,
-                        weight_decay: float | None = None) -> tuple:
+                        weight_decay: float | None = None, scaler=None) -> tuple:
     """Restore everything save_checkpoint wrote; returns (step, history, losses not yet logged).
 
     lr and weight_decay, when given, replace the saved ones (a resume with a new --lr uses it from the next step,
@@ -644,6 +653,8 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
         ema_unet = UNet2DConditionModel.from_pretrained(path / "ema", torch_dtype=torch.float32)
         ema.shadow_params = [p.detach().clone().to(unet.device) for p in ema_unet.parameters()]
         ema.optimization_step = state["ema_optimization_step"]
+    if scaler is not None and scaler.is_enabled() and state.get("grad_scaler"):  # fp16: go on at the learned scale
+        scaler.load_state_dict(state["grad_scaler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed from {path} at step {state['step']}")

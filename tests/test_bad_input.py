@@ -67,7 +67,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(smoke
     import hw6utils.training as training
     cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0, save_freq=1)
     train(cfg, progress=False)
-    monkeypatch.setattr(training, "diffusion_loss", lambda *args, **kwargs: torch.tensor(float("nan")))
+    real_loss = training.diffusion_loss  # a NaN that backward goes through, as a diverging run's would
+    monkeypatch.setattr(training, "diffusion_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
         train(apply_overrides(cfg, max_steps=4, ckpt_path="last"), progress=False)
     assert [p.name for p in list_checkpoints(Path(cfg.train.output_dir) / "ckpt_last")] == ["unet_sch_1", "unet_sch_2"]

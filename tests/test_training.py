@@ -159,6 +159,32 @@ def test_fp16_trains_with_a_grad_scaler(smoke_cfg, monkeypatch, capsys):
     assert history[-1]["loss"] < 0.9 * history[0]["loss"], history
 
 
+def test_a_resumed_fp16_run_goes_on_at_the_saved_loss_scale(smoke_cfg):
+    """The GradScaler's learned scale travels in training_state.pt; without it a resumed run would start again at
+    65536 and skip steps while it overflows its way back down."""
+    cfg = apply_overrides(smoke_cfg, max_steps=2, save_freq=1, eval_freq=0, keep_last=0, mixed_precision="fp16")
+    train(cfg, progress=False)
+    root = Path(cfg.train.output_dir) / "ckpt_last"
+    state_file = root / "unet_sch_2" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert set(state["grad_scaler"]) >= {"scale", "_growth_tracker"}
+    state["grad_scaler"]["scale"] = 1024.0  # as if the run had settled there
+    torch.save(state, state_file)
+    train(apply_overrides(cfg, max_steps=3, ckpt_path="last"), progress=False)
+    assert torch.load(root / "unet_sch_3" / "training_state.pt", weights_only=False)["grad_scaler"]["scale"] == 1024.0
+    # bf16 has no scaler: nothing saved, and a bf16 checkpoint resumes as before
+    bf16 = apply_overrides(cfg, mixed_precision="bf16", output_dir=cfg.train.output_dir + "_bf16")
+    train(bf16, progress=False)
+    assert torch.load(Path(bf16.train.output_dir) / "ckpt_last" / "unet_sch_2" / "training_state.pt",
+                      weights_only=False)["grad_scaler"] == {}
+
+
+def test_step_report_reads_the_losses_and_the_stop_flag_in_one_go():
+    from hw6utils.training import step_report
+    assert step_report([torch.tensor(0.5), torch.tensor(0.25)], False, 1) == ([0.5, 0.25], False)
+    assert step_report([torch.tensor(float("inf"))], True, 1) == ([float("inf")], True)
+
+
 def test_dataloader_workers_leave_ctrl_c_to_the_main_process():
     import signal
     from hw6utils.training import ignore_sigint
