@@ -4,9 +4,11 @@
     .venv/bin/python bench/bench.py --preset hw6 --stand_in --flags --generate 1063   # on a GPU
 
 Prints: parameter count; training images/s with the latent/text cache and without it (the course's way:
-both encoders on every step), for steps run back to back as `train` runs them, and the split of a step into
-data, encoders, UNet forward+backward and optimizer (each phase timed alone, between synchronisations); DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls, at
-several batch sizes; the explorer's case (4 images of the reference model); peak memory; on CUDA, MFU.
+both encoders on every step), for steps run back to back (one read of the loss per step, as in `train`),
+and the split of a step into data, encoders, UNet forward+backward and optimizer (each phase timed alone,
+between synchronisations); DDIM sampling images/s with classifier-free guidance as one batched UNet call vs
+two calls, at several batch sizes; the explorer's case (4 images of the reference model); peak memory; on
+CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
 its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
 --compare_onednn repeats the CPU sampling rows with PyTorch's own choice of convolution (the library
@@ -31,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
 from hw6utils.models import autocast, count_params, to_device  # noqa: E402
-from hw6utils.sampling import (cpu_conv_backend, expand_text, guided_noise_pred, initial_noise, load_model,  # noqa: E402
-                               make_sampler, onednn_off, unet_kwargs)
+from hw6utils.sampling import (cpu_conv_backend, denoising_timesteps, expand_text, guided_noise_pred,  # noqa: E402
+                               initial_noise, load_model, make_sampler, onednn_off, unet_kwargs)
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
                                prepare_data, setup_unet, step_report)
 
@@ -80,8 +82,9 @@ def stand_in_encoders(cfg, root: Path) -> dict:
 
 
 def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, steps: int, warmup: int = 1) -> tuple:
-    """(seconds per optimizer step run back to back, as `train` runs them; the split of a step into data, encoders,
-    UNet forward+backward and optimizer, each phase timed between two synchronisations).
+    """(seconds per optimizer step run back to back, reading the loss once per step as `train` does (without its
+    clipping, EMA and LR schedule); the split of a step into data, encoders, UNet forward+backward and optimizer,
+    each phase timed between two synchronisations).
 
     On a GPU the two differ: back to back, the CPU queues the next kernels while the GPU still runs the last
     ones (train reads the GPU once per step); the synchronised phases add up the CPU's launch time as well.
@@ -143,16 +146,16 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
     null = {k: v.to(device) for k, v in null_text.items()}
     latents = initial_noise(list(range(batch)), (unet.config.in_channels, unet.config.sample_size,
                                                   unet.config.sample_size), device)
-    scheduler.set_timesteps(steps, device=device)
+    timesteps = denoising_timesteps(scheduler, steps, device)
     predict = guided_noise_pred if batched else two_call_noise_pred
 
     unet_batch = 2 * batch if batched else batch  # each call runs on the backend `hw6 generate` would pick
 
     def run():  # bf16 on CUDA (fp16 on GPUs without bf16), as `hw6 generate` runs
         x = latents
-        for t in scheduler.timesteps:
+        for t, unet_t in timesteps:
             with autocast(device, "bf16" if device.type == "cuda" else "no"), conv_backend(device, unet_batch):
-                noise_pred = predict(unet, x, t, cond, null, 7.5).float()
+                noise_pred = predict(unet, x, unet_t, cond, null, 7.5).float()
             x = scheduler.step(noise_pred, t, x).prev_sample
         return x
     run()  # warm-up

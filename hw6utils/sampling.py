@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import REFERENCE_DIR, Config, load_config, test_json_path
 from .data import ensure_writable_dir, free_timestamped_path, load_test_prompts, write_json_atomic
 from .encoders import decode_latents, encode_text, load_text_encoder, load_vae, to_pil
-from .models import autocast
+from .models import autocast, to_device
 
 
 def make_sampler(noise_scheduler_config: dict, kind: str = "ddim"):
@@ -93,6 +93,16 @@ def cpu_conv_backend(device, unet_batch: int):
     return onednn_off() if device.type == "cpu" and unet_batch <= 4 else contextlib.nullcontext()
 
 
+def denoising_timesteps(scheduler, num_inference_steps: int, device) -> list:
+    """(t for the scheduler, the same t on `device` for the UNet) for each denoising step, from T down.
+
+    The scheduler looks t up in its tables (alphas_cumprod, sigmas) on the CPU: with t on a GPU every lookup
+    would read the GPU and make the CPU wait for it at each step. The UNet's copies go over in one transfer.
+    """
+    scheduler.set_timesteps(num_inference_steps)
+    return list(zip(scheduler.timesteps, scheduler.timesteps.to(device)))
+
+
 def initial_noise(seeds: list, shape: tuple, device) -> torch.Tensor:
     """x_T ~ N(0, I), one generator per image, so an image depends on its seed alone, not on the batch."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -113,7 +123,7 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     latents = initial_noise(seeds, (channels, size, size), device) * scheduler.init_noise_sigma
     text = {k: v.to(device) for k, v in text.items()}
     null_text = {k: v.to(device) for k, v in null_text.items()}
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = denoising_timesteps(scheduler, num_inference_steps, device)
     # eta > 0 adds fresh noise at every DDIM step: one generator per image (seeded apart from x_T's), so an
     # image still depends on its own seed alone
     step_generators = [torch.Generator().manual_seed(int(s) + (1 << 32)) for s in seeds] if eta > 0 else None
@@ -121,19 +131,19 @@ def sample(unet, scheduler, vae, text: dict, null_text: dict, seeds: list, guida
     snapshots, keep_at = [], set()
     if return_steps:
         keep_at = {round(i * (num_inference_steps - 1) / max(return_steps - 1, 1)) for i in range(return_steps)}
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)):
+    for i, (t, unet_t) in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
         with autocast(device, mixed_precision), cpu_conv_backend(device, unet_batch):
-            noise_pred = guided_noise_pred(unet, latents, t, text, null_text, guidance_scale).float()
+            noise_pred = guided_noise_pred(unet, latents, unet_t, text, null_text, guidance_scale).float()
         extra = {}
         if isinstance(scheduler, DDIMScheduler):
             extra["eta"] = eta
             if step_generators:
-                extra["variance_noise"] = torch.stack([torch.randn(latents.shape[1:], generator=g)
-                                                       for g in step_generators]).to(device)
+                extra["variance_noise"] = to_device(torch.stack([torch.randn(latents.shape[1:], generator=g)
+                                                                 for g in step_generators]), device)
         out = scheduler.step(noise_pred, t, latents, **extra)
         latents = out.prev_sample
         if callback is not None:
-            callback(i + 1, len(scheduler.timesteps))
+            callback(i + 1, len(timesteps))
         if i in keep_at:  # DDIM reports its predicted x_0; other samplers show the current x_t
             predicted = getattr(out, "pred_original_sample", None)
             snapshots.append(decode_latents(vae, predicted if predicted is not None else latents))

@@ -651,7 +651,8 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if ema is not None:
         ema_unet = UNet2DConditionModel.from_pretrained(path / "ema", torch_dtype=torch.float32)
-        ema.shadow_params = [p.detach().clone().to(unet.device) for p in ema_unet.parameters()]
+        # laid out like the UNet's own weights (channels_last too), so the foreach update keeps its fast path
+        ema.shadow_params = [torch.empty_like(q).copy_(p) for q, p in zip(unet.parameters(), ema_unet.parameters())]
         ema.optimization_step = state["ema_optimization_step"]
     if scaler is not None and scaler.is_enabled() and state.get("grad_scaler"):  # fp16: go on at the learned scale
         scaler.load_state_dict(state["grad_scaler"])

@@ -8,7 +8,8 @@ from PIL import Image
 from hw6utils.config import apply_overrides, get_preset
 from hw6utils.encoders import load_text_encoder, load_vae
 from hw6utils.models import build_unet
-from hw6utils.sampling import cpu_conv_backend, generate, guided_noise_pred, load_model, make_sampler, sample, unet_kwargs
+from hw6utils.sampling import (cpu_conv_backend, denoising_timesteps, generate, guided_noise_pred, load_model, make_sampler,
+                               sample, unet_kwargs)
 from hw6utils.training import make_noise_scheduler, train
 
 
@@ -27,6 +28,16 @@ def test_sampler_uses_the_training_schedule():
     ddpm = make_noise_scheduler(get_preset("hw6"))
     ddim = make_sampler(ddpm.config)
     assert torch.equal(ddim.betas, ddpm.betas) and ddim.config.beta_schedule == "linear"
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpmpp"])
+def test_the_scheduler_keeps_its_timesteps_on_the_cpu_and_the_unet_gets_its_own_copy(kind):
+    """Every step the scheduler looks t up in its CPU tables: a t on the GPU would make each lookup a GPU read."""
+    scheduler = make_sampler(make_noise_scheduler(get_preset("tiny")).config, kind)
+    steps = denoising_timesteps(scheduler, 10, torch.device("meta"))  # "meta" stands in for a GPU here
+    assert len(steps) == 10 and [int(t) for t, _ in steps] == scheduler.timesteps.tolist()
+    assert all(t.device.type == "cpu" and unet_t.device.type == "meta" for t, unet_t in steps)
+    assert scheduler.timesteps.device.type == "cpu"
 
 
 def test_ddim_step_by_hand_matches_the_scheduler():
