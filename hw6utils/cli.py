@@ -145,12 +145,15 @@ def run(args) -> int:
             from transformers import AutoTokenizer
 
             from .encoders import resolve_text_encoder
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
-            except OSError as err:
-                raise FileNotFoundError(f"{args.text_encoder}: tokenizer not found ({str(err).splitlines()[0]}); "
-                                        "pass --text_encoder minilm or a local folder") from None
-            print(json.dumps(data_mod.check_course_data(args.dir, tokenizer, args.max_text_len), indent=1))
+
+            def load_tokenizer():
+                try:
+                    return AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
+                except OSError as err:
+                    raise FileNotFoundError(f"{args.text_encoder}: tokenizer not found ({str(err).splitlines()[0]}); "
+                                            "pass --text_encoder minilm or a local folder") from None
+            print(json.dumps(data_mod.check_course_data(args.dir, max_text_len=args.max_text_len,
+                                                        load_tokenizer=load_tokenizer), indent=1))
             return 0
         if args.dataset == "shapes":
             out = data_mod.build_shapes_dataset(args.out, args.frames, args.seed, args.image_size)
@@ -174,11 +177,11 @@ def run(args) -> int:
         return 0
     if args.command in ("score", "stats"):
         from . import scoring
-        extractor = scoring.load_inception(args.inception)
-        if args.command == "score":
-            scoring.score(args.images, args.test_json, args.stats, args.reference, extractor, args.clip, args.out)
+        if args.command == "score":  # score checks the folder first, then loads the networks
+            scoring.score(args.images, args.test_json, args.stats, args.reference, args.inception, args.clip, args.out)
         else:
             paths = sorted(Path(args.images).glob("*.png"))
+            extractor = scoring.load_inception(args.inception)
             print(f"wrote {scoring.save_stats(args.out, *scoring.compute_stats(paths, extractor))}")
         return 0
     cfg = config_from_args(args)
@@ -318,7 +321,8 @@ def export_reference(ckpt: Path, out: Path) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .config import apply_overrides, load_config, save_config
+    from .config import REFERENCE_DIR, apply_overrides, load_config, save_config
+    from .encoders import resolve_vae
 
     cfg = load_config(ckpt / "hw6_config.json")
     if not (ckpt / "scheduler" / "scheduler_config.json").is_file():
@@ -330,7 +334,9 @@ def export_reference(ckpt: Path, out: Path) -> None:
         unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(torch.float16)
         unet.save_pretrained(stage / "unet")
         shutil.copytree(ckpt / "scheduler", stage / "scheduler")
-        save_config(apply_overrides(cfg, vae="reference"), stage / "hw6_config.json")
+        # the VAE the UNet was trained with, named 'reference' when it is the shipped one (a portable name)
+        shipped = Path(resolve_vae(cfg.encoders.vae)).resolve() == (REFERENCE_DIR / "vae").resolve()
+        save_config(apply_overrides(cfg, vae="reference") if shipped else cfg, stage / "hw6_config.json")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -140,9 +140,11 @@ def count_too_long(tokenizer, texts: list, max_length: int) -> int:
     return sum(len(ids) > max_length for ids in tokenizer(list(texts)).input_ids) if texts else 0
 
 
-def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77) -> dict:
+def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77, load_tokenizer=None) -> dict:
     """What `hw6 data check` prints: counts (monsters, keys, images, images per action family), every problem
-    found while reading, and how many captions and test prompts are longer than the text encoder's limit."""
+    found while reading, and how many captions and test prompts are longer than the text encoder's limit.
+    load_tokenizer, if given instead of tokenizer, is called only once the folder has been read (a bad folder
+    fails first, before a hub tokenizer is looked for)."""
     root = Path(data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -157,6 +159,8 @@ def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77) -> dict:
     captions = sorted({c for options in data.captions.values() for c in options})
     prompts = [p for _, p, _ in load_test_prompts(root / "test.json")] if (root / "test.json").exists() else []
     report.update(captions=len(captions), test_prompts=len(prompts))
+    if tokenizer is None and load_tokenizer is not None:
+        tokenizer = load_tokenizer()
     if tokenizer is not None:
         report.update(max_text_len=max_text_len, captions_truncated=count_too_long(tokenizer, captions, max_text_len),
                       test_prompts_truncated=count_too_long(tokenizer, prompts, max_text_len))
@@ -175,6 +179,8 @@ def load_test_prompts(path) -> list:
         prompt, name = entry.get("text_prompt"), entry.get("image_name")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}: field 'text_prompt' must be a non-empty string")
+        if name is None:
+            raise ValueError(f"{where}: field 'image_name' is missing (expected a file name ending in .png)")
         if not isinstance(name, str) or not name.endswith(".png") or Path(name).name != name or name.startswith("."):
             raise ValueError(f"{where}: field 'image_name' must be a plain file name ending in .png, got {name!r}")
         if name in used_by:
@@ -182,6 +188,8 @@ def load_test_prompts(path) -> list:
                              "each image needs its own name")
         used_by[name] = key
         out.append((name, prompt, entry))
+    if not out:
+        raise ValueError(f"{path}: no entries (expected objects with 'text_prompt' and 'image_name')")
     return out
 
 

@@ -211,6 +211,13 @@ class LoadedModel:
     def encode(self, prompts: list) -> dict:
         return encode_text(self.tokenizer, self.text_model, prompts, self.cfg.encoders.max_text_len)
 
+    @property
+    def steps(self) -> int:
+        """Training steps behind these weights: the checkpoint's step (unet_sch_<step>), else the config's max_steps
+        (an exported model, such as the reference)."""
+        name = self.path.name
+        return int(name.removeprefix("unet_sch_")) if name.startswith("unet_sch_") else self.cfg.train.max_steps
+
 
 def load_model(stage: str = "reference", output_dir: str = "outputs", device="cpu", use_ema: bool = True,
                sampler: str = "ddim") -> LoadedModel:
@@ -270,6 +277,9 @@ def record_difference(out: Path, old: dict, record: dict) -> str:
     present = [p.name for p in out.glob("*.png")]
     for key, value in record.items():
         if key == "prompts":
+            extra = [n for n in present if n not in value]  # the course wants exactly one PNG per entry
+            if extra:
+                return f"{len(extra)} image(s), e.g. {extra[0]}, that this test.json does not name"
             changed = [n for n in present if n in value and old.get(key, {}).get(n, value[n]) != value[n]]
             if changed:
                 return f"{len(changed)} image(s), e.g. {changed[0]}, were made for other prompts"
@@ -305,8 +315,6 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
             if old is not None:
                 record_path.rename(aside.with_name(aside.name + ".json"))
             print(f"note: {out.name} held images {why}: moved to {aside}")
-        else:  # keep the prompts of images made earlier that this test.json no longer names
-            record["prompts"] = {**old.get("prompts", {}), **record["prompts"]}
     ensure_writable_dir(out)
     write_json_atomic(record_path, record)
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not (out / name).exists()]

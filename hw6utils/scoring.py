@@ -239,7 +239,7 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
           out_json=None, batch_size: int = 32, device="cpu") -> dict:
     """FID, CLIP-T and (with reference_dir, the ground-truth images) CLIP-I of a submission folder, as the course scored it.
 
-    extractor: the FID network (default `load_inception()`, which downloads torchvision's weights); clip_model: a hub
+    extractor: the FID network, or a path for `load_inception` (None: torchvision's weights, downloaded); clip_model: a hub
     id or local folder, or a (model, processor) pair from `load_clip`. The figures are printed and saved as JSON to
     out_json (default `<images_dir>_scores.json`, beside the folder so it does not become an extra file in it).
     """
@@ -259,7 +259,9 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
 
     # load everything before the slow part, so a missing file fails in seconds
     mu_ref, sigma_ref = load_stats(stats_dir)
-    extractor = (load_inception() if extractor is None else extractor).to(device)
+    if extractor is None or isinstance(extractor, (str, Path)):  # a weight file (or None: the default) is loaded now
+        extractor = load_inception(extractor)
+    extractor = extractor.to(device)
     model, processor = clip_model if isinstance(clip_model, tuple) else load_clip(clip_model, device)
 
     mu, sigma = compute_stats(image_paths, extractor, batch_size, device)

@@ -292,6 +292,10 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                                                           t.lr, t.weight_decay, scaler)
         if start_step >= t.max_steps and main_process:
             print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
+        saved_steps = json.loads((resume_from / "hw6_config.json").read_text()).get("train", {}).get("max_steps", t.max_steps)
+        if saved_steps != t.max_steps and t.lr_schedule != "constant" and main_process:
+            print(f"note: max_steps {saved_steps} -> {t.max_steps}: the {t.lr_schedule} schedule now ends at step "
+                  f"{t.max_steps}, so the learning rate at step {start_step} is {lr_scheduler.get_last_lr()[0]:.3g}")
         if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
             for log in (out_dir / "loss_log.csv", out_dir / "eval_log.csv"):
                 truncate_csv(log, start_step)
@@ -362,7 +366,8 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                     write_json_atomic(out_dir / "ckpt_last" / "best.json", new_best)
             if stop:
                 if main_process:
-                    print(f"stopped by Ctrl-C after step {done}, checkpoint saved; resume with ckpt_path='last'")
+                    print(f"stopped by Ctrl-C after step {done}, checkpoint saved in {out_dir / 'ckpt_last'}; resume "
+                          f"with --ckpt_path last --output_dir {t.output_dir} (ckpt_path='last' in a notebook)")
                 break
     if main_process:
         (out_dir / "history.json").write_text(json.dumps(history))

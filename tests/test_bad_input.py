@@ -28,6 +28,12 @@ def test_test_json_that_is_not_json_or_not_an_object(tmp_path):
     path.write_text(json.dumps({"1": {"text_prompt": "x", "image_name": "/etc/x.png"}}))
     with pytest.raises(ValueError, match="field 'image_name' must be a plain file name"):
         load_test_prompts(path)
+    path.write_text(json.dumps({"1": {"text_prompt": "x"}}))
+    with pytest.raises(ValueError, match=r"entry '1': field 'image_name' is missing \(expected a file name ending in .png\)"):
+        load_test_prompts(path)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="test.json: no entries"):
+        load_test_prompts(path)
 
 
 def test_all_images_corrupt_is_an_error(tmp_path, shapes_dir):

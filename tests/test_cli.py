@@ -32,9 +32,24 @@ def test_data_shapes_command(tmp_path):
     assert len(list((tmp_path / "s" / "train").iterdir())) == 200
 
 
-def test_score_without_torchvision_or_weights_is_one_clear_line(tmp_path, capsys):
-    code = main(["score", str(tmp_path), "--test-json", str(tmp_path / "test.json"), "--stats", str(tmp_path),
-                 "--inception", str(tmp_path / "inception.pth")])
+def test_score_checks_the_folder_first_then_fails_on_missing_weights_in_one_clear_line(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from hw6utils.scoring import save_stats
+    (tmp_path / "test.json").write_text(json.dumps({"0": {"text_prompt": "a red circle", "image_name": "0.png"}}))
+    images = tmp_path / "images"
+    images.mkdir()
+    argv = ["score", str(images), "--test-json", str(tmp_path / "test.json"), "--stats", str(tmp_path),
+            "--inception", str(tmp_path / "inception.pth")]
+    assert main(argv) == 2  # the missing image is reported before any network or statistics file is looked for
+    err = capsys.readouterr().err.strip()
+    assert "not scored, 1 problem(s)" in err and "0.png" in err and "Inception" not in err
+    Image.new("RGB", (256, 256)).save(images / "0.png")
+    save_stats(tmp_path, np.zeros(4), np.eye(4))
+    code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert "inception.pth: Inception weights not found" in err
@@ -55,7 +70,8 @@ def test_export_reference_replaces_the_model_whole_or_not_at_all(smoke_cfg, tmp_
     assert main(["export-reference", "--preset", "smoke", "--output_dir", cfg.train.output_dir, "--out", str(out)]) == 0
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
     assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "vae" / "kept.txt").is_file()
-    assert load_config(out / "hw6_config.json").encoders.vae == "reference"
+    # the VAE the UNet was trained with (here a test VAE; the shipped one would be named 'reference')
+    assert load_config(out / "hw6_config.json").encoders.vae == cfg.encoders.vae != "reference"
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     broken = tmp_path / "broken"
     shutil.copytree(f"{cfg.train.output_dir}/ckpt_last/unet_sch_2", broken)

@@ -39,6 +39,12 @@ def test_data_check_counts_families_problems_and_long_captions(course_dir):
     assert 0 < report["captions_truncated"] < report["captions"] and report["test_prompts_truncated"] == 3  # all but the bare `main` one
 
 
+def test_data_check_of_a_missing_folder_says_so_before_looking_for_a_tokenizer(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2  # the default text encoder is a hub id
+    err = capsys.readouterr().err
+    assert "nowhere: data folder not found" in err and "tokenizer" not in err
+
+
 def test_data_check_command(course_dir, capsys):
     assert main(["data", "check", str(course_dir), "--text_encoder", "minilm"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -140,17 +140,22 @@ def test_generate_writes_one_png_per_test_entry(smoke_cfg, tmp_path):
     made = (out / "1_main.png").stat().st_mtime_ns
     run(guidance_scale=9.0)
     assert len(asides()) == 1 and (out / "1_main.png").stat().st_mtime_ns == made  # the same settings: kept
+    subset = json.loads(test_json.read_text())
+    del subset["2"]
+    test_json.write_text(json.dumps(subset))
+    run(guidance_scale=9.0)  # a test.json without 2_main.png: the folder must hold one PNG per entry, no more
+    assert len(asides()) == 2 and sorted(p.name for p in out.glob("*.png")) == ["0_main.png", "1_main.png"]
     test_json.write_text(json.dumps({"0": {"text_prompt": "A green star.", "image_name": "0_main.png"}}))
     run(guidance_scale=9.0)  # another prompt for an image already there
-    assert len(asides()) == 2
+    assert len(asides()) == 3
     train(apply_overrides(cfg, max_steps=1, seed=1), progress=False)  # a new run (other weights) at the same step
     run(guidance_scale=9.0)
-    assert len(asides()) == 3  # other weights, same folder name
+    assert len(asides()) == 4  # other weights, same folder name
     import shutil
     shutil.copytree(out.parent / "ckpt_last", tmp_path / "moved")  # the same weights elsewhere: the same model
     made = (out / "0_main.png").stat().st_mtime_ns
     run(guidance_scale=9.0, stage=str(tmp_path / "moved" / "unet_sch_1"), output_dir=str(out.parent))
-    assert len(asides()) == 3 and (out / "0_main.png").stat().st_mtime_ns == made
+    assert len(asides()) == 4 and (out / "0_main.png").stat().st_mtime_ns == made
     assert load_model("last", cfg.train.output_dir).cfg.train.noise_schedule == "squaredcos_cap_v2"
 
 

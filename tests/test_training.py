@@ -83,6 +83,20 @@ def test_constant_schedule_warms_up(smoke_cfg):
     assert [h["lr"] for h in history] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])  # the rate each step ran at
 
 
+def test_resume_with_fewer_max_steps_says_where_the_schedule_now_is(smoke_cfg, capsys):
+    cfg = apply_overrides(smoke_cfg, max_steps=4, save_freq=2, eval_freq=0, lr_schedule="cosine", warmup_steps=0)
+    train(cfg, progress=False)
+    capsys.readouterr()
+    from hw6utils.sampling import load_model
+    assert load_model(cfg.train.output_dir + "/ckpt_last/unet_sch_2").steps == 2  # not the run's max_steps (4)
+    assert load_model("reference").steps == 5000  # an exported model: its config's max_steps
+    train(apply_overrides(cfg, max_steps=3, ckpt_path=cfg.train.output_dir + "/ckpt_last/unet_sch_2"), progress=False)
+    out = capsys.readouterr().out
+    # cosine over 3 steps, at step 2: lr x (1 + cos(pi x 2/3)) / 2 = lr / 4
+    assert f"note: max_steps 4 -> 3: the cosine schedule now ends at step 3, so the learning rate at step 2 is " \
+           f"{cfg.train.lr / 4:.3g}" in out
+
+
 def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(apply_overrides(smoke_cfg, ckpt_path="last"), progress=False)
