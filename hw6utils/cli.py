@@ -124,8 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as `warning: <message>` lines: the file name and line of the code that warned mean nothing to a
+    command-line user (the message names the data file)."""
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
     args = build_parser().parse_args(argv)
+    format_before, bars_before = warnings.formatwarning, transformers_logging.is_progress_bar_enabled()
+    warnings.formatwarning = one_line_warning
+    transformers_logging.disable_progress_bar()  # a 'Loading weights' bar for every model, every command
     try:
         return run(args)
     except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as err:
@@ -135,6 +147,10 @@ def main(argv=None) -> int:
         print(f"hw6 {args.command}: stopped at once by Ctrl-C; complete checkpoints are untouched "
               "(resume with --ckpt_path last)", file=sys.stderr)
         return 130
+    finally:  # main() is also called in-process (tests, notebooks): leave the process as it was
+        warnings.formatwarning = format_before
+        if bars_before:
+            transformers_logging.enable_progress_bar()
 
 
 def run(args) -> int:

@@ -125,3 +125,13 @@ def test_resume_from_the_command_line_keeps_the_saved_config(smoke_cfg, tmp_path
     from hw6utils.config import load_config
     saved = load_config(f"{smoke_cfg.train.output_dir}/ckpt_last/unet_sch_4/hw6_config.json")
     assert (saved.preset, saved.train.lr, saved.train.max_steps) == ("smoke", 3e-3, 4)
+
+
+def test_warnings_print_as_one_line_without_the_source_line():
+    import subprocess
+    import sys
+    code = ("import warnings, hw6utils.cli as cli; "
+            "cli.run = lambda args: warnings.warn('train/x.png: unreadable or corrupt image; skipped') or 0; "
+            "raise SystemExit(cli.main(['data', 'shapes']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "warning: train/x.png: unreadable or corrupt image; skipped\n"
