@@ -280,7 +280,7 @@ def record_difference(out: Path, old: dict, record: dict) -> str:
             extra = [n for n in present if n not in value]  # the course wants exactly one PNG per entry
             if extra:
                 return f"{len(extra)} image(s), e.g. {extra[0]}, that this test.json does not name"
-            changed = [n for n in present if n in value and old.get(key, {}).get(n, value[n]) != value[n]]
+            changed = [n for n in present if old.get(key, {}).get(n, value[n]) != value[n]]
             if changed:
                 return f"{len(changed)} image(s), e.g. {changed[0]}, were made for other prompts"
         elif key != "checkpoint" and old.get(key) != value:  # the same weights moved elsewhere are the same model

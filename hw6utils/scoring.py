@@ -246,7 +246,7 @@ def score(images_dir, test_json, stats_dir, reference_dir=None, extractor=None, 
     images_dir = Path(images_dir).resolve()
     problems = check_submission(images_dir, test_json)
     if problems:
-        raise ValueError(f"{images_dir}: not scored, {len(problems)} problem(s): " + "; ".join(problems))
+        raise ValueError(f"{images_dir}: not scored, {problem_summary(problems)}")
     entries = load_test_prompts(test_json)
     image_paths = [images_dir / name for name, _, _ in entries]
     prompts = [prompt for _, prompt, _ in entries]

@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from .config import Config, save_config
+from .config import Config, load_config, save_config
 from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
                    load_images, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
@@ -292,7 +292,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                                                           t.lr, t.weight_decay, scaler)
         if start_step >= t.max_steps and main_process:
             print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
-        saved_steps = json.loads((resume_from / "hw6_config.json").read_text()).get("train", {}).get("max_steps", t.max_steps)
+        saved_steps = load_config(resume_from / "hw6_config.json").train.max_steps
         if saved_steps != t.max_steps and t.lr_schedule != "constant" and main_process:
             print(f"note: max_steps {saved_steps} -> {t.max_steps}: the {t.lr_schedule} schedule now ends at step "
                   f"{t.max_steps}, so the learning rate at step {start_step} is {lr_scheduler.get_last_lr()[0]:.3g}")
