@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test reference notebooks clean
+.PHONY: install demo test reference notebooks student clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ reference: install
 notebooks: install
 	$(VENV)/bin/hw6 run-notebooks -p PRESET smoke -p MAX_STEPS 4 -p STAGE last \
 		-p DATA_DIR ../outputs/smoke/shapes -p OUTPUT_DIR ../outputs/smoke
+
+# The course's student edition: the notebooks without the exercises' solutions, and otter-grader's autograders.
+student: install
+	$(VENV)/bin/hw6 assign --out dist
 
 clean:
 	rm -rf outputs/ckpt_last outputs/samples_last outputs/png_* outputs/*.csv outputs/*.json outputs/*.png

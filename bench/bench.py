@@ -7,7 +7,7 @@ Prints: parameter count; training images/s with the latent/text cache and withou
 both encoders on every step), for steps run back to back (one read of the loss per step, as in `train`),
 and the split of a step into data, encoders, UNet forward+backward and optimizer (each phase timed alone,
 between synchronisations); DDIM sampling images/s with classifier-free guidance as one batched UNet call vs
-two calls, at several batch sizes; the explorer's case (4 images of the reference model); peak memory; on
+two calls, at several batch sizes, and the whole pipeline (HW6Pipeline) at the same sizes; the explorer's case (4 images of the reference model); peak memory; on
 CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
 its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
 from hw6utils.models import autocast, count_params, to_device  # noqa: E402
-from hw6utils.sampling import (cpu_conv_backend, denoising_timesteps, expand_text, guided_noise_pred,  # noqa: E402
-                               initial_noise, load_model, make_sampler, onednn_off, unet_kwargs)
+from hw6utils.pipeline import (cpu_conv_backend, denoising_timesteps, guided_noise_pred, onednn_off,  # noqa: E402
+                               unet_kwargs)
+from hw6utils.sampling import generate_images, generators, load_model, make_sampler  # noqa: E402
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
                                prepare_data, setup_unet, step_report)
 
@@ -132,9 +133,10 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
     return (time.perf_counter() - start) / steps, split
 
 
-def two_call_noise_pred(unet, latents, t, text, null_text, guidance_scale):
+def two_call_noise_pred(unet, latents, t, text, null_text, *, guidance_scale):
     """CFG as the course scripts did it: one UNet call without the caption, one with it."""
-    noise_uncond = unet(latents, t, **unet_kwargs(unet, expand_text(null_text, latents.shape[0]))).sample
+    null_text = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in null_text.items()}
+    noise_uncond = unet(latents, t, **unet_kwargs(unet, null_text)).sample
     noise_text = unet(latents, t, **unet_kwargs(unet, text)).sample
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
@@ -144,8 +146,8 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
                           conv_backend=cpu_conv_backend) -> float:
     cond = {k: v[:1].expand(batch, *v.shape[1:]).to(device) for k, v in text.items()}
     null = {k: v.to(device) for k, v in null_text.items()}
-    latents = initial_noise(list(range(batch)), (unet.config.in_channels, unet.config.sample_size,
-                                                  unet.config.sample_size), device)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.stack([torch.randn(shape, generator=g) for g in generators(range(batch))]).to(device)
     timesteps = denoising_timesteps(scheduler, steps, device)
     predict = guided_noise_pred if batched else two_call_noise_pred
 
@@ -155,7 +157,7 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
         x = latents
         for t, unet_t in timesteps:
             with autocast(device, "bf16" if device.type == "cuda" else "no"), conv_backend(device, unet_batch):
-                noise_pred = predict(unet, x, unet_t, cond, null, 7.5).float()
+                noise_pred = predict(unet, x, unet_t, cond, null, guidance_scale=7.5).float()
             x = scheduler.step(noise_pred, t, x).prev_sample
         return x
     run()  # warm-up
@@ -222,16 +224,17 @@ def main(argv=None) -> None:
             print(f"{label}, batch {batch:3d}: batched CFG {one:7.2f} images/s, two calls {two:7.2f} images/s, "
                   f"ratio {one / two:.2f}x")
     cfg_rows(f"sampling DDIM {args.sample_steps} steps")
+    pipeline_rows(cfg, unet, prepared, device, [int(b) for b in args.batches.split(",")], args.sample_steps)
     if args.compare_onednn and device.type == "cpu":
         cfg_rows("  PyTorch's choice", lambda device, unet_batch: contextlib.nullcontext())
         cfg_rows("  oneDNN off", lambda device, unet_batch: onednn_off())
 
     if (REFERENCE_DIR / "hw6_config.json").is_file() and device.type == "cpu":
-        from hw6utils.sampling import generate_images
         model = load_model("reference", device=device)
         prompts = ["A green circle. It is small and sits in the top right corner."] * 4
-        generate_images(model, prompts[:1], [0], 7.5, 2, progress=False)  # warm-up
-        _, seconds = timed(device, lambda: generate_images(model, prompts, [0, 1, 2, 3], 7.5, 50, progress=False))
+        generate_images(model, prompts[:1], [0], guidance_scale=7.5, num_inference_steps=2, progress=False)  # warm-up
+        _, seconds = timed(device, lambda: generate_images(model, prompts, [0, 1, 2, 3], guidance_scale=7.5,
+                                                           num_inference_steps=50, progress=False))
         print(f"explorer: 4 images of the reference model, DDIM 50 steps: {seconds:.2f} s")
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -239,6 +242,22 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print(f"training cached, config flags: {mfu_text(unet, cfg, results[True], device)}")
+
+
+def pipeline_rows(cfg, unet, prepared, device, batches: list, steps: int) -> None:
+    """Images/s of the whole sampling route (HW6Pipeline: text encoding, DDIM with batched CFG, decoding)."""
+    from hw6utils.training import sampling_model
+    pipe = sampling_model(cfg, unet, make_noise_scheduler(cfg).config, prepared, ".").pipe
+    for batch in batches:
+        prompts = ["A red circle. It is big and sits in the middle."] * batch
+
+        def run(num_steps):
+            return pipe(prompts, num_inference_steps=num_steps, guidance_scale=7.5, generator=generators(range(batch)),
+                        output_type="pt")
+        run(2)  # warm-up
+        _, seconds = timed(device, lambda: run(steps))
+        print(f"pipeline DDIM {steps} steps, batch {batch:3d}: {batch / seconds:7.2f} images/s "
+              "(HW6Pipeline: encoding, batched CFG, decoding)")
 
 
 def time_flags(cfg, prepared, device, args) -> None:
@@ -263,16 +282,16 @@ def time_flags(cfg, prepared, device, args) -> None:
 
 def time_generation(cfg, unet, prepared, device, count: int) -> None:
     """Seconds to generate `count` prompts as `hw6 generate` does (DDIM, CFG, batches of gen_batch_size)."""
-    from hw6utils.sampling import generate_images
     from hw6utils.training import sampling_model
     model = sampling_model(cfg, unet.eval(), make_noise_scheduler(cfg).config, prepared, ".")
     prompts = [f"A monster number {i} with wings, sharp teeth and a long tail. The monster is attacking."
                for i in range(count)]
     s = cfg.sample
-    generate_images(model, prompts[:2], [0, 1], s.guidance_scale, 2, batch_size=2, progress=False)  # warm-up
-    _, seconds = timed(device, lambda: generate_images(model, prompts, list(range(count)), s.guidance_scale,
-                                                       s.num_inference_steps, batch_size=s.gen_batch_size,
-                                                       progress=False))
+    generate_images(model, prompts[:2], [0, 1], guidance_scale=s.guidance_scale, num_inference_steps=2, batch_size=2,
+                    progress=False)  # warm-up
+    _, seconds = timed(device, lambda: generate_images(model, prompts, list(range(count)), guidance_scale=s.guidance_scale,
+                                                       num_inference_steps=s.num_inference_steps,
+                                                       batch_size=s.gen_batch_size, progress=False))
     print(f"generate {count} prompts, {s.sampler} {s.num_inference_steps} steps, batch {s.gen_batch_size}: {seconds:.1f} s "
           f"({count / seconds:.1f} images/s)")
 

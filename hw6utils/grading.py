@@ -1,59 +1,228 @@
-"""Batch grading for teachers: rerun each submission's notebooks in fresh kernels, score its images, rank by FID.
+"""Batch grading for teachers: rerun each submission's notebooks in a sandbox, score its images, rank by FID.
 
-A submission is a folder (e.g. an unzipped `hw6_<ID>/`) with its notebooks somewhere below it and, once they
-have run again, one PNG per test.json entry in `results/` (the images it shipped there are set aside first).
-A broken submission becomes a row with its error; it never stops the batch.
+A submission is a folder (e.g. an unzipped `hw6_<ID>/`, as `hw6 package` writes it) with its numbered notebooks
+somewhere below it. Each rerun happens in a fresh working copy of the submission, made in a temporary folder, without
+the images it shipped in `results/`: they are out of the rerun's reach, and the score comes from the rerun alone.
+The rerun runs in a bubblewrap sandbox (`sandbox.py`), writes its PNGs to `RESULTS_DIR` (a parameter `hw6 grade`
+injects: `<working copy>/results`) and imports the submission's own `hw6utils` when it ships one. Its executed
+notebooks, images and scores are kept in `<grades>_runs/<submission>/`; the submission folder is never changed.
+Each row is appended to the CSV as soon as it is graded; a broken or hostile submission becomes a row with its
+error (or `contained: <what>`), never stops the batch.
 """
 from __future__ import annotations
 
 import csv
 import html
+import json
+import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from .notebooks import run_notebooks
+from .config import REPO_ROOT
+from .notebooks import REPORT
+from .sandbox import NO_SANDBOX_WARNING, Limits, Sandbox, check_available, run, wholly_hidden
 from .scoring import check_submission, problem_summary, score
 
 COLUMNS = ["submission", "status", "failed_notebook", "error", "run_time_s", "fid", "clip_t", "clip_i"]
+SKIPPED = {".ipynb_checkpoints", "executed"}  # editor backups, and the copies an earlier grader executed in place
+RUNNER = "import sys; sys.path.insert(0, sys.argv[1]); from hw6utils.notebooks import main; sys.exit(main(sys.argv[2:]))"
+# what an error says -> the limit of the sandbox that stopped it
+CONTAINED = [("MemoryError", "memory limit"), ("Cannot allocate memory", "memory limit"),
+             ("can't allocate memory", "memory limit"), ("File too large", "file size limit"),
+             ("Resource temporarily unavailable", "process limit"), ("can't start new thread", "process limit"),
+             ("No space left on device", "/tmp size limit"), ("Read-only file system", "read-only file system"),
+             ("Connection refused", "no network"), ("Network is unreachable", "no network"),
+             ("Temporary failure in name resolution", "no network"), ("Name or service not known", "no network")]
+FILE_ERRORS = {"OSError", "FileNotFoundError", "PermissionError", "NotADirectoryError", "IsADirectoryError"}
 
 
 def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, reference_dir=None,
-              parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results") -> dict:
-    """One row: rerun the notebooks (in order, parameters injected), then check and score the images they wrote.
-
-    The score comes from the rerun alone: images shipped in `<images_subdir>/` are moved to
-    `<images_subdir>_shipped/` first (kept for comparison), so a rerun that writes nothing scores nothing."""
+              parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results",
+              box: Sandbox | None = None, runs_dir=None) -> dict:
+    """One row: rerun the notebooks (in order, parameters injected) in a sandboxed working copy, then check and score
+    the images they wrote. box: the sandbox (default: course data from test_json and stats_dir readable, the rest as
+    `grade` sets it); runs_dir: where `<submission>/` keeps the executed notebooks, the images and scores.json."""
+    submission = Path(submission)
+    box = box or course_sandbox(test_json, stats_dir, reference_dir, submission.parent, [])
+    runs = Path(runs_dir or "grades_runs") / submission.name
     row = {"submission": submission.name, "status": "ok", "failed_notebook": "", "error": ""}
     start = time.time()
-    skipped = {".ipynb_checkpoints", "executed"}  # editor backups, and the copies an earlier grading executed
-    notebooks = [p for p in sorted(submission.rglob("[0-9][0-9]_*.ipynb"))
-                 if not skipped & set(p.relative_to(submission).parts)]
-    images = submission / images_subdir
-    try:
-        if not notebooks:
-            raise ValueError("no numbered notebooks (NN_*.ipynb) to rerun")
-        set_aside_shipped(images)
-        run_notebooks([p.name for p in notebooks], parameters or {}, out_dir=submission / "executed",
-                      cwd=notebooks[0].parent, timeout=timeout, only_declared=True)
-    except RuntimeError as err:  # a failing cell: run_notebooks names the notebook and the cell
-        message = str(err)
-        row.update(status="notebook failed", failed_notebook=message.split(":", 1)[0], error=message)
-    except Exception as err:  # whatever a submission does, the batch goes on
-        row.update(status="error", error=error_line(err))
-    if row["status"] == "ok":
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="hw6-grade-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp) / submission.name
         try:
-            problems = check_submission(images, test_json)
-            if problems:
-                row.update(status="bad images", error=problem_summary(problems))
-            else:
-                row.update(score(images, test_json, stats_dir, reference_dir, extractor, clip_model,
-                                 out_json=submission / "scores.json"))
-        except Exception as err:
-            row.update(status="scoring failed", error=error_line(err))
+            row.update(rerun(submission, work, runs, parameters, timeout, images_subdir, box))
+        except Exception as err:  # whatever a submission does, the batch goes on
+            row.update(status="error", error=error_line(err))
+        copy_regular_files(work / "executed", runs / "executed")
+        if row["status"] == "ok":
+            try:
+                row.update(score_rerun(work, runs, images_subdir, test_json, stats_dir, reference_dir, extractor,
+                                       clip_model))
+            except Exception as err:
+                row.update(status="scoring failed", error=error_line(err))
     row["run_time_s"] = round(time.time() - start, 1)
     row.pop("num_images", None)
     return row
+
+
+def rerun(submission: Path, work: Path, runs: Path, parameters, timeout, images_subdir: str, box: Sandbox) -> dict:
+    """Copy the submission to `work` and run its notebooks there; the row's status, failed_notebook and error."""
+    copy_submission(submission, work, images_subdir)
+    notebooks = find_notebooks(work)
+    if not notebooks:
+        raise ValueError("no numbered notebooks (NN_*.ipynb) to rerun")
+    parameters = {**(parameters or {}), "RESULTS_DIR": str(work / images_subdir)}
+    outcome = run(runner_command(work, notebooks, parameters, timeout), work, box)
+    (runs / "log.txt").write_text(outcome.output)
+    row = read_outcome(outcome, box, runs / "log.txt")
+    if "error" in row:  # the executed copies are kept in runs/, the working copy goes
+        row["error"] = row["error"].replace(str(work / "executed"), str(runs / "executed"))
+    return row
+
+
+def copy_submission(submission: Path, work: Path, images_subdir: str) -> None:
+    """The working copy a rerun may write: the submission without its shipped images (nor what an earlier grader left
+    in it: `<images>_shipped/`, `executed/`), links copied as links, special files (pipes, devices) left out."""
+    left_out = {images_subdir, f"{images_subdir}_shipped", "executed"}
+
+    def ignore(folder, names):
+        relative = Path(folder).relative_to(submission)
+        return {name for name in names if (relative / name).as_posix() in left_out or is_special(Path(folder) / name)}
+    shutil.copytree(submission, work, symlinks=True, ignore=ignore)
+
+
+def is_special(path: Path) -> bool:
+    return not (path.is_symlink() or path.is_dir() or path.is_file())
+
+
+def find_notebooks(work: Path) -> list:
+    """The numbered notebooks (`NN_*.ipynb`) below `work`, in path order; links to folders are not followed."""
+    found = []
+    for folder, dirs, files in os.walk(work):
+        dirs[:] = [d for d in dirs if d not in SKIPPED]
+        found += [Path(folder) / name for name in files
+                  if name.endswith(".ipynb") and name[:2].isdigit() and name[2:3] == "_"]
+    return sorted(found)
+
+
+def shipped_code(notebook_dir: Path, work: Path) -> Path | None:
+    """The folder holding the submission's own `hw6utils/` (e.g. `code/`), looking up from its notebooks."""
+    for folder in [notebook_dir, *notebook_dir.parents]:
+        if (folder / "hw6utils" / "__init__.py").is_file():
+            return folder
+        if folder == work:
+            return None
+    return None
+
+
+def runner_command(work: Path, notebooks: list, parameters: dict, timeout) -> list:
+    """`hw6utils.notebooks.main` from the grader's own copy (python -I: not the submission's), its kernels importing
+    the submission's hw6utils first, the grader's where it ships none."""
+    folder = notebooks[0].parent
+    own = shipped_code(folder, work)
+    kernel_path = os.pathsep.join(([str(own)] if own else []) + [str(REPO_ROOT)])
+    return [sys.executable, "-I", "-c", RUNNER, str(REPO_ROOT), *[p.name for p in notebooks], "--cwd", str(folder),
+            "--out_dir", str(work / "executed"), "--parameters", json.dumps(parameters), "--kernel_path", kernel_path,
+            *(["--timeout", str(timeout)] if timeout else [])]
+
+
+def read_reports(output: str) -> list:
+    """The runner's `hw6-runner: {json}` lines (a notebook may print such lines too: it only fools its own row)."""
+    reports = []
+    for line in output.splitlines():
+        if line.startswith(REPORT):
+            try:
+                report = json.loads(line[len(REPORT):])
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                reports.append(report)
+    return reports
+
+
+def read_outcome(outcome, box: Sandbox, log: Path) -> dict:
+    """status, failed_notebook and error from what the runner reported (a killed runner reports nothing)."""
+    reports = read_reports(outcome.output)
+    started = next((str(r["started"]) for r in reversed(reports) if "started" in r), "")
+    failed = next((r for r in reversed(reports) if "failed" in r), None)
+    if outcome.timed_out:
+        return {"status": "contained: time limit", "failed_notebook": started,
+                "error": f"{started}: still running at the {box.limits.time_s:g} s time limit for a submission; "
+                         "stopped, with everything it started"}
+    if failed is not None:
+        error = str(failed.get("error", ""))
+        what = containment(str(failed.get("reason", "")), error, box)
+        return {"status": f"contained: {what}" if what else "notebook failed", "failed_notebook": str(failed["failed"]),
+                "error": error}
+    if outcome.returncode == 0 and reports and reports[-1].get("done") is True:
+        return {}
+    return {"status": "notebook failed", "failed_notebook": started,
+            "error": f"{started}: the notebook runner was killed (exit status {outcome.returncode}); see {log}"}
+
+
+def containment(reason: str, error: str, box: Sandbox) -> str:
+    """What stopped a notebook, when the sandbox did ('' for an ordinary failure)."""
+    if reason == "CellTimeoutError":
+        return "time limit"
+    if not box.enabled:
+        return ""
+    if reason in FILE_ERRORS:  # an error on a path that the sandbox keeps out
+        hidden = next((what for path, what in wholly_hidden(box).items() if f"{path}" in error), "")
+        if hidden:
+            return f"no access to {hidden}"
+    return next((what for said, what in CONTAINED if said in f"{reason}: {error}"), "")
+
+
+def copy_regular_files(folder: Path, dest: Path, keep_folders: bool = False) -> None:
+    """Copy the regular files of `folder` (not below it) to `dest`, and with keep_folders its subfolders as empty
+    ones (so the image check names them); links and special files are left behind."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            shutil.copyfile(entry.path, dest / entry.name, follow_symlinks=False)
+        elif keep_folders and entry.is_dir(follow_symlinks=False):
+            (dest / entry.name).mkdir()
+
+
+def refused_images(work: Path, images_subdir: str) -> tuple:
+    """('', '') when the rerun's image folder holds only regular files (and folders), else (what, why): a link, to
+    the ground truth perhaps, is never followed, a pipe or device never opened."""
+    folder = work
+    for part in Path(images_subdir).parts:
+        folder = folder / part
+        if folder.is_symlink():
+            why = f"{folder.relative_to(work)} is a symbolic link (to {os.readlink(folder)}); links are never followed"
+            return f"symlink in {images_subdir}", why
+    if not folder.is_dir():
+        return "", ""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_symlink():
+            why = f"{images_subdir}/{entry.name} is a symbolic link (to {os.readlink(entry.path)}); links are never followed"
+            return f"symlink in {images_subdir}", why
+        if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+            return f"special file in {images_subdir}", f"{images_subdir}/{entry.name} is not a regular file"
+    return "", ""
+
+
+def score_rerun(work: Path, runs: Path, images_subdir: str, test_json, stats_dir, reference_dir, extractor,
+                clip_model) -> dict:
+    """Check and score the rerun's images, from a copy of its regular files outside the working copy."""
+    what, why = refused_images(work, images_subdir)
+    if what:
+        return {"status": f"contained: {what}", "error": why}
+    images = runs / "results"
+    copy_regular_files(work / images_subdir, images, keep_folders=True)
+    problems = check_submission(images, test_json)
+    if problems:
+        return {"status": "bad images", "error": problem_summary(problems)}
+    return score(images, test_json, stats_dir, reference_dir, extractor, clip_model, out_json=runs / "scores.json")
 
 
 def error_line(err: Exception) -> str:
@@ -62,36 +231,87 @@ def error_line(err: Exception) -> str:
     return f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
 
 
-def set_aside_shipped(images: Path) -> None:
-    """Move the submitted images to <images>_shipped/ (once: on a later grading run that folder exists already,
-    and what `images` holds was written by the earlier rerun, so it goes)."""
-    shipped = images.with_name(images.name + "_shipped")
-    if not images.exists():
-        return
-    if shipped.exists():
-        shutil.rmtree(images)
-    else:
-        images.rename(shipped)
+def course_sandbox(test_json, stats_dir, reference_dir, submissions_dir, grade_files: list, limits=None,
+                   gpu: bool = False, enabled: bool = True, readable=()) -> Sandbox:
+    """The sandbox of `hw6 grade`: the public course data readable (test.json's folder when it is a course folder,
+    train/ and train_info.json beside it; the FID statistics), the ground truth, the submissions, the grades and the
+    teacher's home hidden."""
+    test_json = Path(test_json).resolve()
+    course = test_json.parent if any((test_json.parent / n).exists() for n in ["train", "train_info.json"]) else test_json
+    hidden = {Path(submissions_dir).resolve(): "other submissions", Path.home().resolve(): "home"}
+    hidden.update({Path(path).resolve(): "grades" for path in grade_files})
+    if reference_dir is not None:
+        hidden[Path(reference_dir).resolve()] = "ground truth"
+    return Sandbox(readable=[course, Path(stats_dir).resolve(), *map(Path, readable)], hidden=hidden,
+                   limits=limits or Limits(), gpu=gpu, enabled=enabled)
 
 
-def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model, reference_dir=None,
-          parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results") -> list:
-    """Grade every folder in submissions_dir; write the CSV and a leaderboard (Markdown and HTML) beside it."""
-    submissions = sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir())
-    if not submissions:
-        raise ValueError(f"{submissions_dir}: no submission folders")
+def read_grades(out_csv: Path) -> list:
+    """The rows of an earlier grades CSV, numbers as numbers (a missing score left out, as grade_one leaves it)."""
     rows = []
-    for submission in submissions:
-        rows.append(grade_one(submission, test_json, stats_dir, extractor, clip_model, reference_dir, parameters,
-                              timeout, images_subdir))
-        print(f"{submission.name}: {rows[-1]['status']}" + (f", FID {rows[-1]['fid']:.2f}" if "fid" in rows[-1] else ""))
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as f:
+    with out_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ["run_time_s", "fid", "clip_t", "clip_i"]:
+                if row.get(key):
+                    row[key] = float(row[key])
+                else:
+                    row.pop(key, None)
+            rows.append(row)
+    return rows
+
+
+def start_grades(out_csv: Path, rows: list) -> None:
+    """Write the CSV's header and the rows kept from an earlier run (atomically: a crash leaves the old file)."""
+    tmp = out_csv.with_name(out_csv.name + ".tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    write_leaderboard(rows, out_csv.with_suffix(""))
+    tmp.replace(out_csv)
+
+
+def append_row(out_csv: Path, row: dict) -> None:
+    """Add one row and put it on disk now: a grader killed later loses no graded row."""
+    with out_csv.open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model, reference_dir=None,
+          parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results",
+          sandbox: bool = True, gpu: bool = False, limits: Limits | None = None, resume: bool = False,
+          readable=()) -> list:
+    """Grade every folder in submissions_dir, each in a sandbox (sandbox=False: none); append each row to the CSV as
+    it is graded (resume=True: keep its rows and skip those submissions); write a leaderboard (Markdown and HTML)
+    beside it. gpu: bind the NVIDIA devices in; readable: more folders the notebooks may read."""
+    submissions = sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir())
+    if not submissions:
+        raise ValueError(f"{submissions_dir}: no submission folders")
+    out_csv = Path(out_csv).resolve()
+    stem = out_csv.with_suffix("")
+    runs_dir = stem.with_name(stem.name + "_runs")
+    if sandbox:
+        check_available(gpu)
+    else:
+        print(NO_SANDBOX_WARNING, file=sys.stderr)
+    rows = read_grades(out_csv) if resume and out_csv.is_file() else []
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    start_grades(out_csv, rows)
+    runs_dir.mkdir(exist_ok=True)
+    grade_files = [out_csv, runs_dir, f"{stem}_leaderboard.md", f"{stem}_leaderboard.html"]
+    box = course_sandbox(test_json, stats_dir, reference_dir, submissions_dir, grade_files, limits, gpu, sandbox, readable)
+    graded = {row["submission"] for row in rows}
+    for submission in submissions:
+        if submission.name in graded:
+            print(f"{submission.name}: already graded (--resume)")
+            continue
+        row = grade_one(submission, test_json, stats_dir, extractor, clip_model, reference_dir, parameters, timeout,
+                        images_subdir, box, runs_dir)
+        append_row(out_csv, row)
+        rows.append(row)
+        print(f"{submission.name}: {row['status']}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
+    write_leaderboard(rows, stem)
     return rows
 
 

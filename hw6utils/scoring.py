@@ -118,6 +118,17 @@ def load_inception(weights_path=None) -> torch.nn.Module:
     return model.eval()
 
 
+def png_files(folder) -> list:
+    """The PNGs of a folder, sorted; a missing folder or one without PNGs is a one-line error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    paths = sorted(folder.glob("*.png"))
+    if not paths:
+        raise ValueError(f"{folder}: holds no PNG files")
+    return paths
+
+
 def compute_stats(image_paths, extractor, batch_size: int = 32, device="cpu") -> tuple:
     """(mu, sigma): mean (D,) and covariance (D, D) of the extractor's features over the images (paths or PIL)."""
     if len(image_paths) < 2:
@@ -207,17 +218,23 @@ def clip_i(images, reference_images, model, processor, batch_size: int = 32) -> 
 def check_submission(images_dir, test_json) -> list:
     """Problems that would make the course reject the folder: exactly one RGB 256x256 PNG per test.json `image_name`.
 
-    Returns one line per missing, extra, unreadable, non-PNG or wrongly sized file; an empty list when all is well.
+    Returns one line per missing, extra, unreadable, non-PNG or wrongly sized file, and per link or special file
+    (never followed or opened: a link could point at the hidden ground truth); an empty list when all is well.
     """
     images_dir = Path(images_dir)
     names = [name for name, _, _ in load_test_prompts(test_json)]
-    if not images_dir.is_dir():
-        return [f"{images_dir}: not a folder"]
+    if images_dir.is_symlink() or not images_dir.is_dir():
+        return [f"{images_dir}: not a folder" + (" (a symbolic link)" if images_dir.is_symlink() else "")]
     expected = set(names)
     present = {path.name for path in images_dir.iterdir()}
     problems = [f"missing: {name}" for name in sorted(expected - present)]
     problems += [f"extra: {name} (not in test.json)" for name in sorted(present - expected)]
     for name in sorted(expected & present):
+        path = images_dir / name
+        if path.is_symlink() or not path.is_file():
+            kind = "symbolic link" if path.is_symlink() else "folder or special file"
+            problems.append(f"not a regular file: {name} is a {kind}")
+            continue
         try:
             with Image.open(images_dir / name) as img:
                 img.load()   # decode it all, so a truncated file counts as unreadable
@@ -321,9 +338,10 @@ def problem_summary(problems: list, shown: int = 5) -> str:
 
 def package_submission(student_id: str, images_dir, test_json, out_dir=".", report=None, model_note: str = "",
                        code_root=None) -> Path:
-    """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: the code, `results/` (the PNGs), `MODEL.md`
-    (where the model lives) and the report if given. Refuses, naming the problems (the first five), if the
-    images would be rejected by the scorer."""
+    """Write the course zip `hw6_<ID>.zip` holding `hw6_<ID>/`: `code/` (hw6utils, the notebooks and the shipped
+    reference model: a checkout that `hw6 grade` reruns, its notebook 05 writing to `results/`), `results/` (the
+    PNGs), `MODEL.md` (where the model lives) and the report if given. Refuses, naming the problems (the first
+    five), if the images would be rejected by the scorer."""
     if not student_id or not str(student_id).replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"student id must be letters, digits, '-' or '_', got {student_id!r}")
     problems = check_submission(images_dir, test_json)
@@ -349,9 +367,13 @@ def write_zip(zip_path: Path, top: str, code_root: Path, images_dir, test_json, 
     import zipfile
 
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for pattern in ("hw6utils/*.py", "notebooks/*.ipynb", "README.md", "pyproject.toml", "Makefile", "environment.yml"):
+        # the code as a checkout that runs: hw6 grade reruns code/notebooks/ with this hw6utils (the 'reference'
+        # autoencoder and model included), and they write the test.json PNGs to results/ (RESULTS_DIR)
+        for pattern in ("hw6utils/*.py", "notebooks/*.ipynb", "data/reference/**/*", "README.md", "pyproject.toml",
+                        "Makefile", "environment.yml"):
             for path in sorted(code_root.glob(pattern)):
-                archive.write(path, f"{top}/code/{path.relative_to(code_root)}")
+                if path.is_file():
+                    archive.write(path, f"{top}/code/{path.relative_to(code_root)}")
         for name, _, _ in load_test_prompts(test_json):
             archive.write(Path(images_dir) / name, f"{top}/results/{name}")
         archive.writestr(f"{top}/MODEL.md", "# Model\n\n" + (model_note or "The trained checkpoint is not included; "

@@ -4,14 +4,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,14 +23,16 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from .config import Config, load_config, save_config
+from .checkpoints import checkpoint_name, ema_weights, list_checkpoints, read_best, save_checkpoint
+from .config import Config, load_config
 from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
                    load_images, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
-                       text_hidden_size, to_pil)
+                       text_hidden_size)
 from .evaluation import image_grid, plot_history, training_scorer
 from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params, to_device
-from .sampling import LoadedModel, list_checkpoints, make_sampler, read_best, sample, unet_kwargs
+from .pipeline import unet_kwargs
+from .sampling import LoadedModel, build_pipeline, generators
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -85,7 +88,7 @@ def prepare_data(cfg: Config, device):
                          f" latent pixels, but sample_size is {cfg.model.sample_size}; make them agree")
 
     def encode(prompts):
-        return encode_text(tokenizer, text_model, prompts, cfg.encoders.max_text_len)
+        return encode_text(tokenizer, text_model, prompts, cfg.encoders.max_text_len, cfg.encoders.text_mask)
 
     out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
            "null_text": encode([""])}
@@ -114,7 +117,7 @@ def cache_latents(data, vae, cfg: Config):
     modification times), the VAE (name, config and weights), the resolution, the image prep and the flip
     setting: reused while all of these are unchanged, rebuilt when anything changed.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     all_paths, all_keys = list(data.image_paths), list(data.image_keys)
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in all_paths]
@@ -125,10 +128,9 @@ def cache_latents(data, vae, cfg: Config):
     key = json.dumps([files, cfg.encoders.vae, cfg.encoders.vae_subfolder, vae_config, weights.hexdigest(),
                       cfg.data.image_size, cfg.data.flip, cfg.data.image_prep], sort_keys=True, default=str)
     path = Path(cfg.train.output_dir) / "cache" / f"latents_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        saved = load_file(path)
-        kept = saved["kept"].tolist()
-    else:
+    remove_orphan_tmp_files(path.parent)
+    saved = read_latent_cache(path)
+    if saved is None:
         images = load_images(data, cfg.data.image_size, cfg.data.image_prep)  # drops unreadable files, warning each
         readable = set(data.image_paths)
         kept = [i for i, p in enumerate(all_paths) if p in readable]
@@ -143,8 +145,50 @@ def cache_latents(data, vae, cfg: Config):
         tmp = Path(f"{path}.{os.getpid()}.tmp")  # torchrun ranks may build the same cache at once
         save_file(saved, str(tmp))
         tmp.replace(path)
+    kept = saved["kept"].tolist()
     data.image_paths, data.image_keys = [all_paths[i] for i in kept], [all_keys[i] for i in kept]
     return saved["mean"], saved["std"]
+
+
+def read_latent_cache(path: Path) -> dict | None:
+    """The tensors of a latent cache file, or None if there is none. A damaged one (cut short by a full disk,
+    overwritten) is named in a warning and None is returned, so that it is rebuilt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        return None
+    try:
+        saved = load_file(path)
+    except (SafetensorError, OSError) as err:
+        reason = str(err)
+    else:
+        if {"mean", "std", "kept"} <= set(saved):
+            return saved
+        reason = f"it holds {sorted(saved)}, not mean, std and kept"
+    warnings.warn(f"{path}: unreadable latent cache ({reason}); rebuilding it", stacklevel=3)
+    return None
+
+
+def remove_orphan_tmp_files(folder: Path) -> None:
+    """Delete the <file>.<pid>.tmp files of killed runs. One whose process still runs (another torchrun rank
+    writing the same cache) is left alone."""
+    for tmp in folder.glob("*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 tests for it without sending anything)."""
+    if os.name != "posix":  # os.kill would end the process on Windows: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)):
@@ -257,6 +301,50 @@ def setup_unet(cfg: Config, text_hidden: int, device) -> tuple:
     return unet, (torch.compile(unet) if t.compile else unet), optimizer
 
 
+@contextlib.contextmanager
+def output_dir_lock(out_dir: Path):
+    """Hold <out_dir>/train.lock for the block, so that a second training into the same folder stops at once instead
+    of mixing its checkpoints and logs with this one's. It is an OS lock (filelock): the kernel lets go of it when
+    the process ends, however it ends, so a killed run leaves no stale lock. train.lock.json beside it says who
+    holds it, for the message. Under torchrun only rank 0 takes it."""
+    from filelock import FileLock, Timeout
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    lock, holder = FileLock(out_dir / "train.lock", timeout=0), out_dir / "train.lock.json"
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(f"{out_dir}: another training ({lock_holder(holder)}) is writing into this folder; wait "
+                         "for it to end, stop it, or pick another --output_dir") from None
+    try:
+        holder.write_text(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def lock_holder(holder: Path) -> str:
+    """'pid 1234, started 2025-05-01 10:00:00' from train.lock.json ('pid unknown' while it is being written)."""
+    try:
+        info = json.loads(holder.read_text())
+        return f"pid {info['pid']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def holding_output_dir(train_fn):
+    """Decorator: train() holds its output folder's lock (output_dir_lock) while it runs, and lets go of it on
+    any exit, an exception included (a notebook can train again)."""
+    @functools.wraps(train_fn)
+    def locked(cfg: Config, *args, **kwargs):
+        with output_dir_lock(ensure_writable_dir(cfg.train.output_dir)):
+            return train_fn(cfg, *args, **kwargs)
+    return locked
+
+
+@holding_output_dir
 def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> list:
     """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
 
@@ -290,8 +378,10 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     if resume_from is not None:
         start_step, history, window = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator,
                                                           t.lr, t.weight_decay, scaler)
-        if start_step >= t.max_steps and main_process:
-            print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
+        if start_step >= t.max_steps:
+            if main_process:
+                print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
+            return history
         saved_steps = load_config(resume_from / "hw6_config.json").train.max_steps
         if saved_steps != t.max_steps and t.lr_schedule != "constant" and main_process:
             print(f"note: max_steps {saved_steps} -> {t.max_steps}: the {t.lr_schedule} schedule now ends at step "
@@ -331,7 +421,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             losses, stop = step_report(micro_losses, interrupted(), world)
             if not all(map(math.isfinite, losses)):  # before the optimizer step: the weights stay finite
                 raise FloatingPointError(f"loss is {next(x for x in losses if not math.isfinite(x))} at step {step + 1};"
-                                         " stopping (last checkpoint kept). Lower lr or check the data.")
+                                         f" stopping ({kept_checkpoint(out_dir)}). Lower lr or check the data.")
             window += losses
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients (fp16 only; otherwise a no-op)
@@ -378,11 +468,18 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     return history
 
 
+def kept_checkpoint(out_dir: Path) -> str:
+    """What is left to resume from when training stops on an error, for its message."""
+    found = list_checkpoints(out_dir / "ckpt_last")
+    return f"the last checkpoint, {found[-1]}, is kept" if found else "no checkpoint was saved yet"
+
+
 def sampling_model(cfg: Config, unet, schedule_config, prepared: dict, path) -> LoadedModel:
-    """The UNet being trained (or benchmarked) with its schedule's sampler and the loaded encoders, ready for
-    `generate_images`."""
-    return LoadedModel(cfg, unet, make_sampler(schedule_config, cfg.sample.sampler), prepared["vae"],
-                       prepared["tokenizer"], prepared["text_model"], Path(path))
+    """The UNet being trained (or benchmarked) in a pipeline with its schedule's sampler and the loaded encoders,
+    ready for `generate_images`."""
+    pipe = build_pipeline(cfg, unet, prepared["vae"], prepared["tokenizer"], prepared["text_model"], schedule_config,
+                          cfg.sample.sampler)
+    return LoadedModel(pipe, cfg, Path(path))
 
 
 @torch.no_grad()
@@ -398,7 +495,7 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
     print(f"step {step}: {cfg.train.eval_metric} " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()) +
           (f" (best so far: step {best['step']})" if best else ""))
     if best is None or figures["score"] > best["score"]:
-        return {"step": step, "checkpoint": f"unet_sch_{step}", "metric": cfg.train.eval_metric, **figures}
+        return {"step": step, "checkpoint": checkpoint_name(step), "metric": cfg.train.eval_metric, **figures}
     return None
 
 
@@ -427,7 +524,7 @@ def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, 
     else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     with autocast(device, t.mixed_precision):
-        noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text)).sample
+        noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
 
@@ -487,20 +584,6 @@ def append_csv(path: Path, record: dict) -> None:
         writer.writerow(record)
 
 
-@contextlib.contextmanager
-def ema_weights(unet, ema):
-    """Swap the EMA weights into the UNet for the duration of the block, then put the trained ones back."""
-    if ema is None:
-        yield unet
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield unet
-    finally:
-        ema.restore(unet.parameters())
-
-
 def preview_prompts(prepared: dict, count: int = 8) -> list:
     """Fixed prompts for the training previews: the first captions of evenly spaced keys."""
     keys = sorted(prepared["data"].captions)
@@ -515,85 +598,11 @@ def save_preview(unet, ema, noise_scheduler, prepared, cfg: Config, path: Path) 
     prompts = preview_prompts(prepared)
     unet.eval()
     with ema_weights(unet, ema):
-        images = sample(unet, make_sampler(noise_scheduler.config), prepared["vae"], prepared["encode"](prompts),
-                        prepared["null_text"], list(range(len(prompts))), cfg.sample.preview_guidance_scale,
-                        min(cfg.sample.num_inference_steps, 25), mixed_precision="no")
+        pipe = sampling_model(cfg, unet, noise_scheduler.config, prepared, path).pipe
+        images = pipe(prompts, num_inference_steps=min(cfg.sample.num_inference_steps, 25),
+                      guidance_scale=cfg.sample.preview_guidance_scale, generator=generators(range(len(prompts)))).images
     unet.train()
-    image_grid(to_pil(images), cols=8).save(path)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
-                    generator: torch.Generator, history: list, protect=(), window=(), scaler=None) -> Path:
-    """Write outputs/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
-
-    Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
-    the EMA weights), scheduler/ (the noise schedule), hw6_config.json, and training_state.pt (optimizer,
-    LR scheduler, fp16's loss scale, step, RNG states, history, and the losses of the steps since the last log
-    line).
-    """
-    root = Path(out_dir) / "ckpt_last"
-    final = root / f"unet_sch_{step}"
-    tmp = root / f"unet_sch_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        unet.save_pretrained(tmp)
-        if ema is not None:
-            with ema_weights(unet, ema):
-                unet.save_pretrained(tmp / "ema")
-        noise_scheduler.save_pretrained(tmp / "scheduler")
-        save_config(cfg, tmp / "hw6_config.json")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "ema_optimization_step": ema.optimization_step if ema is not None else 0,
-                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "loss_window": list(window), "grad_scaler": scaler.state_dict() if scaler is not None else {}},
-                   tmp / "training_state.pt")
-        fsync_tree(tmp)  # on disk before the rename makes it a checkpoint (a power cut, not just a crash)
-    except Exception as err:  # a full disk shows as OSError, SafetensorError or torch's RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)  # drop the partial copy, keep every complete checkpoint
-        raise OSError(f"{final}: could not write the checkpoint ({err}); earlier checkpoints are untouched") from err
-    if final.exists():
-        old = root / f"unet_sch_{step}.del"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    fsync_tree(root, files=False)  # the rename itself
-    prune_checkpoints(root, cfg.train.keep_last, keep={final, *protect})
-    return final
-
-
-def fsync_tree(folder: Path, files: bool = True) -> None:
-    """Flush a folder's files (with files=True, recursively) and the folder entries themselves to the disk."""
-    paths = sorted(folder.rglob("*")) if files else []
-    for path in [*paths, folder]:
-        if path.is_dir() and os.name != "posix":  # folders can be opened and synced on POSIX only
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
-    """Delete all but the newest keep_last checkpoints, never those in `keep` (just written, resumed from, best),
-    and the partial folders of a run killed while writing (.tmp) or deleting (.del)."""
-    for leftover in [*root.glob("unet_sch_*.del"), *root.glob("unet_sch_*.tmp")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    if keep_last <= 0:
-        return
-    protected = {Path(p).resolve() for p in keep if p is not None}
-    for path in list_checkpoints(root)[:-keep_last]:
-        if path.resolve() not in protected:
-            # rename first (atomic), then delete: a kill during rmtree must not leave a half-deleted
-            # folder that still looks like a checkpoint
-            doomed = path.with_name(path.name + ".del")
-            path.rename(doomed)
-            shutil.rmtree(doomed)
+    image_grid(images, cols=8).save(path)
 
 
 def archive_previous_run(out_dir: Path) -> None:
@@ -611,16 +620,56 @@ def archive_previous_run(out_dir: Path) -> None:
 
 
 def resolve_resume(ckpt_path: str, out_dir: Path) -> Path:
+    """The checkpoint to resume from ('last': the newest in <out_dir>/ckpt_last/), its files checked first."""
     if ckpt_path == "last":
         found = list_checkpoints(out_dir / "ckpt_last")
         if not found:
             raise FileNotFoundError(f"{out_dir / 'ckpt_last'}: ckpt_path='last' but no complete checkpoint is there")
+        check_intact(found[-1])
         return found[-1]
     path = Path(ckpt_path)
     if not (path / "training_state.pt").is_file() or not (path / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: ckpt_path must be a checkpoint folder with "
                                 "diffusion_pytorch_model.safetensors and training_state.pt")
+    check_intact(path)
     return path
+
+
+RESUME_FILES = ("diffusion_pytorch_model.safetensors", "ema/diffusion_pytorch_model.safetensors", "training_state.pt")
+
+
+def damaged_file(path: Path) -> tuple | None:
+    """(file, why) for the first file a resume needs that is cut short or not what its name says; None if all are
+    whole. Cheap: reads the safetensors headers and the zip index at the end of training_state.pt (torch's format)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+    for name in RESUME_FILES:
+        file = path / name
+        if not file.is_file():
+            if name.startswith("ema/"):  # trained without EMA (ema_decay 0)
+                continue
+            return file, "missing"
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, framework="pt"):
+                    pass
+            else:
+                zipfile.ZipFile(file).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as err:
+            return file, str(err)
+    return None
+
+
+def check_intact(path: Path) -> None:
+    """A one-line error naming the damaged file of checkpoint `path` and the newest intact checkpoint beside it."""
+    damage = damaged_file(path)
+    if damage is None:
+        return
+    intact = [p for p in list_checkpoints(path.parent) if p != path and damaged_file(p) is None]
+    advice = (f"resume from the newest intact checkpoint: --ckpt_path {intact[-1]}" if intact
+              else "no intact checkpoint is left beside it: start afresh without --ckpt_path")
+    raise ValueError(f"{damage[0]}: truncated or corrupt ({damage[1]}); {advice}")
 
 
 def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator, lr: float | None = None,

@@ -26,7 +26,7 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
     Image i uses seed + i, as `hw6 generate` does, so a picture can be reproduced from its seed.
     """
     if guidance_scale is None:  # the model's own default (saved in its hw6_config.json)
-        guidance_scale = model.cfg.sample.guidance_scale
+        guidance_scale = model.pipe.config.guidance_scale
     controls = {
         "prompt": widgets.Text(value=default_prompt, description="prompt", layout=widgets.Layout(width="95%")),
         "guidance_scale": widgets.FloatSlider(value=guidance_scale, min=0.0, max=15.0, step=0.5,
@@ -52,8 +52,8 @@ def prompt_explorer(model: LoadedModel, default_prompt: str = "A red circle. It 
         try:
             count = c["count"].value
             images = generate_images(model, [c["prompt"].value] * count, [c["seed"].value + i for i in range(count)],
-                                     c["guidance_scale"].value, c["steps"].value, batch_size=count, progress=False,
-                                     callback=show_step)
+                                     guidance_scale=c["guidance_scale"].value, num_inference_steps=c["steps"].value,
+                                     batch_size=count, progress=False, callback=show_step)
             c["gallery"].children = tuple(widgets.Image(value=png_bytes(image), format="png", width=128, height=128)
                                           for image in images)
         except Exception as err:  # a click's exception would only reach the log console, not the person

@@ -24,7 +24,7 @@ def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys)
     speeds = {kind: float(v) for kind, v in re.findall(r"training (cached|uncached)\s*:\s+([\d.]+) images/s", out)}
     assert set(speeds) == {"cached", "uncached"} and all(v > 0 for v in speeds.values())
     ratio = float(re.search(r"cache speed-up: ([\d.]+)x", out).group(1))
-    assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], abs=0.01)
+    assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], rel=0.03)  # speeds are printed to 0.1
     # the split of a cached step: the encoders take no time at all when the cache is on
     split = re.search(r"training cached.*\((.*)\)", out).group(1)
     assert {"data", "encoders", "unet", "optimizer"} <= set(re.findall(r"(\w+) [\d.]+%", split))
@@ -36,6 +36,7 @@ def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys)
     for _, one, two, r in rows:
         assert float(r) == pytest.approx(float(one) / float(two), abs=0.01)
     assert "PyTorch's choice" in out and "oneDNN off" in out
+    assert [b for b, v in re.findall(r"pipeline DDIM 2 steps, batch\s+(\d+):\s+([\d.]+) images/s", out) if float(v) > 0] == ["1", "2"]
     import torch
     assert torch.backends.mkldnn.enabled  # restored afterwards
     assert re.search(r"peak resident memory: [\d,]+ MB", out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hw6utils.config import apply_overrides
-from hw6utils.sampling import list_checkpoints, resolve_checkpoint
+from hw6utils.checkpoints import list_checkpoints, resolve_checkpoint
 from hw6utils.training import train
 
 

@@ -214,7 +214,8 @@ def expected_pixels(steps: int) -> list:
     import numpy as np
     from hw6utils.sampling import generate_images, load_model
     model = load_model("reference", str(REPO / "outputs"), "cpu")
-    images = generate_images(model, [PROMPT] * COUNT, [SEED + i for i in range(COUNT)], GUIDANCE, steps,
+    images = generate_images(model, [PROMPT] * COUNT, [SEED + i for i in range(COUNT)], guidance_scale=GUIDANCE,
+                             num_inference_steps=steps,
                              batch_size=COUNT, progress=False)
     return [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
 

@@ -55,7 +55,7 @@ def test_score_checks_the_folder_first_then_fails_on_missing_weights_in_one_clea
     assert "inception.pth: Inception weights not found" in err
 
 
-def test_export_reference_replaces_the_model_whole_or_not_at_all(smoke_cfg, tmp_path, capsys):
+def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_cfg, tmp_path, capsys):
     import json
     import shutil
 
@@ -63,26 +63,35 @@ def test_export_reference_replaces_the_model_whole_or_not_at_all(smoke_cfg, tmp_
     from hw6utils.training import train
     cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
     train(cfg, progress=False)
+    flags = ["--preset", "smoke", "--output_dir", cfg.train.output_dir]
+    with pytest.raises(SystemExit):  # no default --out: data/reference is replaced only when said
+        main(["export-reference", *flags])
+    assert "the following arguments are required: --out" in capsys.readouterr().err
     out = tmp_path / "reference"
     (out / "vae").mkdir(parents=True)
-    (out / "vae" / "kept.txt").write_text("the autoencoder is not the export's business")
-    (out / "hw6_config.json").write_text("{}")
-    assert main(["export-reference", "--preset", "smoke", "--output_dir", cfg.train.output_dir, "--out", str(out)]) == 0
+    (out / "vae" / "kept.txt").write_text("an earlier model")
+    assert main(["export-reference", *flags, "--out", str(out)]) == 0
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
-    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "vae" / "kept.txt").is_file()
-    # the VAE the UNet was trained with (here a test VAE; the shipped one would be named 'reference')
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HW6Pipeline"
+    assert (out / "vae" / "config.json").is_file() and not (out / "text_encoder").exists()
+    aside = list(tmp_path.glob("reference_prev_*"))
+    assert len(aside) == 1 and (aside[0] / "vae" / "kept.txt").read_text() == "an earlier model"
+    # the VAE the UNet was trained with (here a test VAE; named 'reference' only in data/reference)
     assert load_config(out / "hw6_config.json").encoders.vae == cfg.encoders.vae != "reference"
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     broken = tmp_path / "broken"
     shutil.copytree(f"{cfg.train.output_dir}/ckpt_last/unet_sch_2", broken)
     shutil.rmtree(broken / "scheduler")
     assert main(["export-reference", "--from_checkpoint", str(broken), "--out", str(out)]) == 2
-    assert "has no noise schedule" in capsys.readouterr().err
+    assert "cannot read the noise schedule" in capsys.readouterr().err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert len(list(tmp_path.glob("reference_prev_*"))) == 1
 
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--num_inference_steps", "0"], "num_inference_steps must be a number at least 1; got 0"),
+    (["generate", "--guidance_scale", "inf"], "guidance_scale must be a finite number; got inf"),
+    (["generate", "--guidance_scale", "1e308"], "guidance_scale must be a number at most 100"),
     (["train", "--block_out_channels", "a,b"], "--block_out_channels expects comma-separated whole numbers"),
     (["train", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
     (["sweep", "--stage", "reference", "--steps", "0"], "--steps expects comma-separated whole numbers of at least 1"),
@@ -104,10 +113,26 @@ def test_a_malformed_checkpoint_config_is_named(tmp_path, capsys):
         assert message in str(err.value)
 
 
-def test_model_flags_given_to_generate_are_named_as_ignored(tmp_path, capsys):
-    main(["generate", "--stage", str(tmp_path / "none"), "--block_out_channels", "8,16", "--text_encoder", "x"])
-    err = capsys.readouterr().err
-    assert "note: --block_out_channels, --text_encoder ignored: the checkpoint's saved config decides" in err
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--image_size", "256"], "--image_size does not apply to generate: the checkpoint's saved config "
+                                          "decides the model, its encoders and the image size"),
+    (["generate", "--block_out_channels", "8,16", "--text_encoder", "x"], "--block_out_channels, --text_encoder do "
+                                                                          "not apply to generate: the checkpoint's"),
+    (["evaluate", "--lr", "0.1"], "--lr does not apply to evaluate"),
+    (["sweep", "--preview_guidance_scale", "3"], "--preview_guidance_scale does not apply to sweep"),
+    (["train", "--stage", "last"], "--stage does not apply to train"),
+    (["train-vae", "--lr", "0.1", "--output_dir", "o"], "--lr, --output_dir do not apply to train-vae: "
+                                                         "`hw6 train-vae --help` lists the fields it uses"),
+    (["export-reference", "--max_steps", "5", "--out", "x"], "--max_steps does not apply to export-reference"),
+])
+def test_a_config_field_the_command_does_not_use_is_a_one_line_error(argv, message, tmp_path, capsys, monkeypatch):
+    import hw6utils.training as training
+    for name in ("train", "train_vae"):  # the error comes before any work
+        monkeypatch.setattr(training, name, lambda *args, **kwargs: pytest.fail("started training"))
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"hw6 {argv[0]}: error: {message}"), err
 
 
 def test_resume_from_the_command_line_keeps_the_saved_config(smoke_cfg, tmp_path, capsys):
@@ -135,3 +160,117 @@ def test_warnings_print_as_one_line_without_the_source_line():
             "raise SystemExit(cli.main(['data', 'shapes']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "warning: train/x.png: unreadable or corrupt image; skipped\n"
+
+
+HELP_LINES_BEFORE = 175  # each command's --help listed every config field (175-195 lines)
+
+
+@pytest.mark.parametrize("command, shown, hidden", [
+    ("train", ["--lr", "--max_steps", "--image_size", "--text_encoder", "--block_out_channels", "--guidance_scale",
+               "--preview_guidance_scale", "--ckpt_path"], ["--stage", "--vae_steps", "--use_ema", "--eta"]),
+    ("generate", ["--guidance_scale", "--num_inference_steps", "--sampler", "--stage", "--eta", "--output_dir",
+                  "--test_json", "--data_dir", "--device"], ["--lr", "--max_steps", "--vae_steps", "--image_size"]),
+    ("evaluate", ["--guidance_scale", "--stage", "--output_dir", "--device"], ["--lr", "--image_size", "--vae_lr"]),
+    ("sweep", ["--stage", "--test_json", "--output_dir"], ["--preview_guidance_scale", "--lr", "--image_size"]),
+    ("demo", ["--lr", "--max_steps", "--guidance_scale"], ["--stage", "--vae_steps"]),
+    ("train-vae", ["--vae_steps", "--vae_lr", "--image_size", "--data_dir"], ["--lr", "--guidance_scale", "--stage"]),
+    ("export-reference", ["--output_dir"], ["--lr", "--guidance_scale", "--image_size"]),
+])
+def test_each_command_help_shows_its_own_options_first_then_the_fields_it_uses(command, shown, hidden, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    flags = [line.split()[0].rstrip(",") for line in text.splitlines() if line.startswith("  --")]
+    for flag in shown:
+        assert flag in flags, flag
+    for flag in hidden:
+        assert flag not in flags, flag
+    if command not in ("train", "demo"):  # these two use nearly every field
+        assert len(text.splitlines()) < HELP_LINES_BEFORE // 2, len(text.splitlines())
+    fields_at = text.index("config fields")
+    own = {"generate": "--out", "sweep": "--guidance", "export-reference": "--from_checkpoint"}.get(command)
+    if own:
+        import re
+        assert re.search(rf"^  {own}[ ,]", text, re.M).start() < fields_at
+
+
+def test_generate_help_lists_out_before_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.index("[--out OUT]") < usage.index("[--guidance_scale")
+
+
+@pytest.mark.parametrize("argv, name, value", [
+    (["generate", "--test-json", "t.json"], "test_json", "t.json"),
+    (["generate", "--test_json", "t.json"], "test_json", "t.json"),
+    (["sweep", "--test-json", "t.json"], "test_json", "t.json"),
+    (["score", "images", "--test_json", "t.json", "--stats", "s"], "test_json", "t.json"),
+    (["package", "--student_id", "a1", "--images", "i", "--test_json", "t.json"], "student_id", "a1"),
+    (["package", "--student-id", "a1", "--images", "i", "--test-json", "t.json", "--model_note", "m"],
+     "model_note", "m"),
+    (["train", "--max-steps", "7"], "max_steps", "7"),
+    (["run-notebooks", "--out-dir", "o"], "out_dir", "o"),
+    (["export-reference", "--from-checkpoint", "3", "--out", "o"], "from_checkpoint", "3"),
+    (["data", "check", "d", "--max-text-len", "9"], "max_text_len", 9),
+])
+def test_every_option_takes_both_spellings(argv, name, value):
+    assert getattr(build_parser().parse_args(argv), name) == value
+
+
+def test_data_check_offline_with_a_hub_tokenizer_checks_the_data_and_skips_the_token_count(shapes_dir, capsys):
+    import json
+    assert main(["data", "check", str(shapes_dir), "--text_encoder", "openai/clip-vit-base-patch32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 200 and report["problems"] == []
+    assert report["token_count"].startswith("skipped: openai/clip-vit-base-patch32: ") and "HF_HUB_OFFLINE=1" in \
+        report["token_count"]
+    assert "captions_truncated" not in report
+
+
+def test_evaluate_checks_its_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import hw6utils.sampling as sampling
+
+    def too_soon(*args, **kwargs):
+        raise RuntimeError("the model was loaded before the output folder was checked")
+    monkeypatch.setattr(sampling, "load_model", too_soon)
+    (tmp_path / "a_file").write_text("")
+    assert main(["evaluate", "--stage", "reference", "--output_dir", str(tmp_path / "a_file" / "out")]) == 2
+    assert "a_file/out: output folder is not writable" in capsys.readouterr().err
+
+
+def test_data_shapes_with_no_frames_is_an_error_and_writes_nothing(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--frames", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "frames must be at least 1; got 0" in err and "wrote" not in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_stats_on_a_missing_or_empty_folder_says_so(tmp_path, capsys):
+    assert main(["stats", str(tmp_path / "nowhere"), "--out", str(tmp_path / "st")]) == 2
+    assert "nowhere: folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["stats", str(tmp_path / "empty"), "--out", str(tmp_path / "st")]) == 2
+    assert "empty: holds no PNG files" in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(monkeypatch, capsys):
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    import hw6utils.cli as cli
+
+    def run_with_a_bar(args):
+        for i in tqdm(range(3)):
+            if i == 1:
+                warnings.warn("train/x.png: unreadable or corrupt image; skipped")
+        return 0
+    monkeypatch.setattr(cli, "run", run_with_a_bar)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["data", "shapes"]) == 0
+    err = capsys.readouterr().err
+    at = err.index("warning: train/x.png: unreadable or corrupt image; skipped\n")
+    assert at == 0 or err[at - 1] in "\r\n", repr(err)

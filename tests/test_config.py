@@ -68,3 +68,30 @@ def test_hw6_preset_is_the_course_setting():
     assert (cfg.data.image_size, cfg.train.batch_size, cfg.train.grad_accum) == (256, 32, 16)
     assert (cfg.train.eval_freq, cfg.train.save_freq, cfg.sample.num_inference_steps) == (500, 500, 50)
     assert cfg.train.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("guidance_scale", float("inf"), "guidance_scale must be a finite number; got inf"),
+    ("guidance_scale", 1e308, "guidance_scale must be a number at most 100; got 1e\+308"),
+    ("preview_guidance_scale", float("nan"), "preview_guidance_scale must be a finite number; got nan"),
+    ("preview_guidance_scale", 500.0, "preview_guidance_scale must be a number at most 100"),
+    ("lr", float("inf"), "lr must be a finite number; got inf"),
+    ("lr", 5.0, "lr must be a number at most 1"),
+    ("eta", float("nan"), "eta must be a finite number"),
+    ("eta", 3.0, "eta must be a number at most 1"),
+    ("vae_kl_weight", float("inf"), "vae_kl_weight must be a finite number"),
+    ("snr_gamma", float("inf"), "snr_gamma must be a finite number"),
+    ("grad_clip", float("-inf"), "grad_clip must be a finite number"),
+])
+def test_non_finite_or_absurd_floats_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("tiny", **{field: value})
+
+
+def test_every_float_field_must_be_finite():
+    from hw6utils.config import field_help
+    floats = [name for name, (default, _) in field_help().items() if isinstance(default, float)]
+    assert {"guidance_scale", "lr", "eta", "weight_decay", "ema_decay", "vae_lr"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number; got nan$"):
+            get_preset("tiny", **{name: float("nan")})

@@ -1,12 +1,14 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from hw6utils.data import (HELD_OUT, ImageCaptionDataset, load_course_data, load_image, load_test_prompts,
-                           make_caption, shape_pairs)
+from hw6utils.data import (HELD_OUT, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS, UNSEEN_SIZE_WORDS,
+                           ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
+                           load_test_prompts, make_caption, shape_descriptions, shape_pairs, shape_test_entries)
 
 
 def write_course(root, info, images):
@@ -31,7 +33,80 @@ def test_shapes_set_is_in_the_course_format(shapes_dir):
     names = {e["original_name"] for e in info.values()}
     assert not any(f"{c} {s}" in names for c, s in HELD_OUT)  # held-out pairs never appear in training
     tests = load_test_prompts(shapes_dir / "test.json")
-    assert len(tests) == 72 and sum(e["held_out"] for _, _, e in tests) == 12
+    assert [e for _, _, e in tests] == list(shape_test_entries(0).values())
+
+
+def test_the_fixed_prompt_set_says_what_each_prompt_asks_for():
+    entries = list(shape_test_entries(0).values())
+    assert len(entries) >= 150 and len({e["text_prompt"] for e in entries}) == len(entries)
+    assert sum(e["held_out"] for e in entries) == len(entries) * len(HELD_OUT) // len(shape_pairs())
+    allowed = {"size": set(SIZES), "place": set(PLACES)}
+    for entry in entries:
+        assert entry["held_out"] == ((entry["colour"], entry["shape"]) in HELD_OUT)
+        assert entry["size"] in allowed["size"] | {None} and entry["place"] in allowed["place"] | {None}
+        assert (entry["size"] is None) == (entry["place"] is None)
+        assert entry["phrasing"] in ("seen", "unseen")
+    for phrasing in ("seen", "unseen"):  # every size x place, in training-style and in unseen phrasings
+        asked = {(e["size"], e["place"]) for e in entries if e["phrasing"] == phrasing and e["size"]}
+        assert asked == {(size, place) for size in SIZES for place in PLACES}, phrasing
+    assert sum(e["size"] is None for e in entries) >= 24  # colour and shape alone, as before
+    first = entries[:48]                                    # any first N (eval_limit) is spread over all pairs
+    assert {(e["colour"], e["shape"]) for e in first} == set(shape_pairs())
+
+
+def phrase_in(phrase: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(phrase.lower())}\b", text.lower()) is not None
+
+
+def test_each_prompt_names_the_size_and_place_it_asks_for_and_no_other():
+    size_words = {size: SIZE_WORDS[size] + UNSEEN_SIZE_WORDS[size] for size in SIZES}
+    place_words = {place: PLACE_WORDS[place] + UNSEEN_PLACE_WORDS[place] for place in PLACES}
+    for entry in shape_test_entries(0).values():
+        prompt = entry["text_prompt"]
+        for size, words in size_words.items():
+            assert any(phrase_in(w, prompt) for w in words) == (size == entry["size"]), prompt
+        for place, words in place_words.items():
+            assert any(phrase_in(w, prompt) for w in words) == (place == entry["place"]), prompt
+        if entry["phrasing"] == "seen":
+            options = [make_caption(d, a) for d in shape_descriptions(entry["colour"], entry["shape"])
+                       for a in action_descriptions(entry["size"], entry["place"])]
+            assert prompt in options
+
+
+def test_the_fixed_prompt_set_is_fixed_by_its_seed():
+    assert shape_test_entries(3) == shape_test_entries(3)
+    assert [e["text_prompt"] for e in shape_test_entries(3).values()] != \
+        [e["text_prompt"] for e in shape_test_entries(4).values()]
+
+
+def test_training_captions_say_size_and_place_in_several_ways(shapes_dir):
+    info = json.loads((shapes_dir / "train_info.json").read_text())
+    by_action: dict = {}
+    for key, entry in info.items():
+        action = key.split("_", 1)[1]                       # e.g. bigtopleft
+        size = next(s for s in SIZES if action.startswith(s))
+        place = action[len(size):]
+        assert entry["action_description"] in action_descriptions(size, place), key
+        by_action.setdefault((size, place), set()).add(entry["action_description"])
+    assert all(len(phrasings) >= 5 for phrasings in by_action.values()), by_action
+    used = " ".join(" ".join(phrasings) for phrasings in by_action.values())
+    for word in [w for words in [*SIZE_WORDS.values(), *PLACE_WORDS.values()] for w in words]:
+        assert phrase_in(word, used), word                  # each training word shows up somewhere
+    again = build_shapes_dataset(shapes_dir.parent / "again", frames=1, seed=0)
+    assert json.loads((again / "train_info.json").read_text()) == info
+
+
+def test_unseen_phrasings_never_occur_in_training_captions(shapes_dir):
+    data = load_course_data(shapes_dir)
+    captions = sorted({c for options in data.captions.values() for c in options})
+    for words in [*UNSEEN_SIZE_WORDS.values(), *UNSEEN_PLACE_WORDS.values()]:
+        for word in words:
+            assert not any(phrase_in(word, caption) for caption in captions), word
+    unseen = [e["text_prompt"] for e in shape_test_entries(0).values() if e["phrasing"] == "unseen"]
+    assert not set(unseen) & set(captions)
+    everything = {make_caption(d, a) for c, s in shape_pairs() for d in shape_descriptions(c, s)
+                  for size in SIZES for place in PLACES for a in action_descriptions(size, place)}
+    assert not set(unseen) & everything                     # nor any caption the templates could make
 
 
 def test_caption_is_description_space_action_or_description_alone():
@@ -190,3 +265,19 @@ def test_center_prep_crops_a_square_around_the_sprite(tmp_path):
     assert not (stretched < 0).all(dim=0)[:, 5:10].any()  # stretch keeps the sprite where it was
     with pytest.raises(ValueError, match="image_prep must be 'stretch' or 'center', got 'zoom'"):
         load_image(tmp_path / "s.png", 20, prep="zoom")
+
+
+def test_a_shapes_set_built_by_an_earlier_version_is_built_again(tmp_path, capsys):
+    import json
+
+    from hw6utils.data import build_shapes_dataset, ensure_shapes_dataset, shape_test_entries
+    root = build_shapes_dataset(tmp_path / "shapes", frames=1, seed=0)
+    old = {k: {f: v for f, v in e.items() if f not in ("size", "place")} for k, e in shape_test_entries(0).items()}
+    (root / "test.json").write_text(json.dumps(old))  # the earlier set: colour and shape only
+    image = (root / "train" / "0_bigcenter_0.png").read_bytes()
+    ensure_shapes_dataset(root, frames=1, seed=0)
+    assert "built by an earlier version" in capsys.readouterr().out
+    assert json.loads((root / "test.json").read_text()) == json.loads(json.dumps(shape_test_entries(0)))
+    assert (root / "train" / "0_bigcenter_0.png").read_bytes() == image
+    ensure_shapes_dataset(root, frames=1, seed=0)  # today's set is left as it is
+    assert "earlier version" not in capsys.readouterr().out

@@ -1,14 +1,29 @@
-"""Batch grading: three small fake submissions (good, a failing cell, missing images) become three rows."""
+"""Batch grading: small fake submissions become one row each; a packaged zip grades end to end."""
 import csv
 import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
 from PIL import Image
 
+from course_fixture import write_course_fixture
 from hw6utils.grading import grade
-from test_scoring import tiny_clip_dir, tiny_extractor  # noqa: F401  (the scorer's own stand-ins and fixture)
+from hw6utils.sandbox import unavailable_reason
+from hw6utils.scoring import compute_stats, save_stats
+from test_scoring import extractor_file, random_png, tiny_clip_dir, tiny_extractor  # noqa: F401  (stand-ins, fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+WHY_NOT = unavailable_reason()  # hw6 grade sandboxes each submission (bubblewrap): these tests skip without one
+needs_sandbox = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
 
 WRITE_IMAGES = """from pathlib import Path
 from PIL import Image
@@ -27,7 +42,45 @@ def fake_submission(root: Path, names: list, broken: bool = False) -> Path:
     return root
 
 
+def notebook_submission(root: Path, source: str, names: list) -> Path:
+    """A submission whose one notebook runs `source` (parameters RESULTS and NAMES, as fake_submission's)."""
+    fake_submission(root, names)
+    path = root / "notebooks" / "01_generate.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells[1].source = source
+    nbformat.write(notebook, path)
+    return root
+
+
+def scorer_inputs(root: Path, names: list) -> tuple:
+    """(test.json, FID statistics folder) for `names`, the statistics from twelve noise images."""
+    root.mkdir(parents=True, exist_ok=True)
+    test_json = root / "test.json"
+    test_json.write_text(json.dumps({str(i): {"text_prompt": f"monster {i}", "image_name": n} for i, n in enumerate(names)}))
+    refs = []
+    for i in range(12):
+        refs.append(root / "refs" / f"{i}.png")
+        refs[-1].parent.mkdir(exist_ok=True)
+        random_png(refs[-1], 100 + i)
+    return test_json, save_stats(root / "stats", *compute_stats(refs, tiny_extractor()))
+
+
+def read_rows(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def hw6(*args) -> list:
+    """The `hw6` command line, run with this checkout's hw6utils."""
+    return [sys.executable, "-m", "hw6utils.cli", *map(str, args)]
+
+
+def with_checkout_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.mark.slow
+@needs_sandbox
 def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     names = ["0_main.png", "1_hit.png", "2_die.png"]
@@ -48,6 +101,17 @@ def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
     sleepy = nbformat.read(subs / "frank" / "notebooks" / "01_generate.ipynb", as_version=4)
     sleepy.cells.insert(1, nbformat.v4.new_code_cell("import time\ntime.sleep(30)"))
     nbformat.write(sleepy, subs / "frank" / "notebooks" / "01_generate.ipynb")
+    # ships good images and copies them back, from wherever an earlier grader set them aside, as its "rerun"
+    copy_back = ("import shutil\nfrom pathlib import Path\n"
+                 "shipped = next(p for p in [Path('../results_shipped'), Path('../results')] if p.is_dir())\n"
+                 "shutil.copytree(shipped, Path(RESULTS).with_name('rerun'))\nshutil.rmtree(RESULTS, ignore_errors=True)\n"
+                 "Path(RESULTS).with_name('rerun').rename(RESULTS)\nNAMES = []")
+    notebook_submission(subs / "gina", copy_back, names)
+    (subs / "gina" / "results").mkdir()
+    for name in names:
+        Image.new("RGB", (256, 256), (40, 100, 200)).save(subs / "gina" / "results" / name)
+    (subs / "hank" / "notebooks").mkdir(parents=True)
+    (subs / "hank" / "notebooks" / "01_generate.ipynb").write_text("not a notebook")
     extractor = tiny_extractor()
     from hw6utils.scoring import compute_stats, save_stats
     refs = []
@@ -55,6 +119,7 @@ def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
         refs.append(tmp_path / f"ref{i}.png")
         Image.new("RGB", (256, 256), (10 * i, 20, 30)).save(refs[-1])
     save_stats(tmp_path / "stats", *compute_stats(refs, extractor))
+    shipped_before = {path: path.read_bytes() for path in subs.rglob("*") if path.is_file()}
     rows = grade(subs, tmp_path / "grades.csv", test_json, tmp_path / "stats", extractor, str(tiny_clip_dir),
                  timeout=10)
     by_name = {row["submission"]: row for row in rows}
@@ -62,16 +127,21 @@ def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
     assert by_name["bob"]["status"] == "notebook failed" and "01_generate.ipynb" in by_name["bob"]["failed_notebook"]
     assert "ZeroDivisionError" in by_name["bob"]["error"]
     assert by_name["carol"]["status"] == "bad images" and "missing: 2_die.png" in by_name["carol"]["error"]
-    # shipped images never stand in for the rerun's: they are set aside, and a failed rerun scores nothing
+    # shipped images never stand in for the rerun's: they are out of its reach, and a failed rerun scores nothing
     assert by_name["dave"]["status"] == "notebook failed" and "fid" not in by_name["dave"]
-    assert len(list((subs / "dave" / "results_shipped").iterdir())) == 3
     assert by_name["erin"]["status"] == "error" and "no numbered notebooks" in by_name["erin"]["error"]
-    assert by_name["frank"]["status"] == "notebook failed" and "ran past the 10 s limit" in by_name["frank"]["error"]
+    assert by_name["frank"]["status"] == "contained: time limit" and "ran past the 10 s limit" in by_name["frank"]["error"]
     assert by_name["frank"]["failed_notebook"] == "01_generate.ipynb"
+    assert by_name["gina"]["status"] == "notebook failed" and "fid" not in by_name["gina"], by_name["gina"]
+    assert by_name["hank"]["status"] == "notebook failed" and by_name["hank"]["failed_notebook"] == "01_generate.ipynb"
+    # the submissions are left as they came; the rerun's notebooks and images are kept beside the grades
+    assert {path: path.read_bytes() for path in subs.rglob("*") if path.is_file()} == shipped_before
+    assert (tmp_path / "grades_runs" / "alice" / "executed" / "01_generate.ipynb").is_file()
+    assert sorted(p.name for p in (tmp_path / "grades_runs" / "alice" / "results").iterdir()) == sorted(names)
     with open(tmp_path / "grades.csv") as f:
-        assert [r["submission"] for r in csv.DictReader(f)] == ["alice", "bob", "carol", "dave", "erin", "frank"]
+        assert [r["submission"] for r in csv.DictReader(f)] == sorted(by_name)
     board = (tmp_path / "grades_leaderboard.md").read_text().splitlines()
-    assert board[2].startswith("| 1 | alice |") and len(board) == 8
+    assert board[2].startswith("| 1 | alice |") and len(board) == 10
     assert "<td>alice</td>" in (tmp_path / "grades_leaderboard.html").read_text()
 
 
@@ -81,3 +151,153 @@ def test_equal_fids_share_a_rank(tmp_path):
     write_leaderboard(rows + [{"submission": "d", "status": "bad images", "error": "x"}], tmp_path / "g")
     board = (tmp_path / "g_leaderboard.md").read_text().splitlines()[2:]
     assert [line.split(" | ")[:2] for line in board] == [["| 1", "b"], ["| 1", "c"], ["| 3", "a"], ["| -", "d"]]
+
+
+@pytest.mark.slow
+@needs_sandbox
+def test_a_submission_that_kills_the_grader_or_its_kernel_loses_no_row(tmp_path, extractor_file, tiny_clip_dir):
+    names = ["0_main.png", "1_hit.png"]
+    test_json, stats = scorer_inputs(tmp_path / "course", names)
+    subs = tmp_path / "submissions"
+    fake_submission(subs / "alice", names)
+    notebook_submission(subs / "bob", "import os\nos.kill(os.getppid(), 9)", names)  # whatever ran it
+    notebook_submission(subs / "carol", "import os\nos.kill(os.getpid(), 9)", names)  # its own kernel
+    fake_submission(subs / "dave", names)
+    result = subprocess.run(hw6("grade", subs, "--out", tmp_path / "grades.csv", "--test-json", test_json, "--stats", stats,
+                                "--inception", extractor_file, "--clip", tiny_clip_dir, "--timeout", 60),
+                            capture_output=True, text=True, env=with_checkout_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["submission"]: row for row in read_rows(tmp_path / "grades.csv")}
+    assert list(rows) == ["alice", "bob", "carol", "dave"]
+    assert rows["alice"]["status"] == rows["dave"]["status"] == "ok"
+    for name in ["bob", "carol"]:
+        assert rows[name]["status"] == "notebook failed" and rows[name]["failed_notebook"] == "01_generate.ipynb", rows[name]
+    assert "kernel died" in rows["carol"]["error"]
+
+
+def processes_with(marker: str) -> list:
+    """Command lines of the running processes that contain `marker` (zombies left out: they are gone)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z" and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+@needs_sandbox
+def test_rows_are_written_as_graded_and_resume_skips_them(tmp_path, extractor_file, tiny_clip_dir):
+    names = ["0_main.png", "1_hit.png"]
+    test_json, stats = scorer_inputs(tmp_path / "course", names)
+    subs = tmp_path / "submissions"
+    fake_submission(subs / "alice", names)
+    marker = f"sleep {random.randint(10**6, 10**7)}"  # its own: no process left by another run can match
+    sleeper = f"import subprocess, time\nsubprocess.Popen({marker.split()!r})\ntime.sleep(3600)"
+    notebook_submission(subs / "zed", sleeper, names)
+    out = tmp_path / "grades.csv"
+    command = hw6("grade", subs, "--out", out, "--test-json", test_json, "--stats", stats, "--inception", extractor_file,
+                  "--clip", tiny_clip_dir, "--timeout", 600)
+    grader = subprocess.Popen(command, env=with_checkout_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (out.is_file() and read_rows(out)) and time.time() < deadline and grader.poll() is None:
+        time.sleep(0.5)
+    while not processes_with(marker) and time.time() < deadline:  # zed's notebook is running
+        time.sleep(0.5)
+    grader.send_signal(signal.SIGKILL)
+    grader.wait()
+    first = read_rows(out)
+    assert [row["submission"] for row in first] == ["alice"] and first[0]["status"] == "ok"
+    deadline = time.time() + 10  # killing the grader ends the submission's whole process tree
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not processes_with(marker)
+    result = subprocess.run(command + ["--resume", "--time-limit", "5"], capture_output=True, text=True,
+                            env=with_checkout_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "alice: already graded" in result.stdout
+    second = read_rows(out)
+    assert second[0] == first[0] and [row["submission"] for row in second] == ["alice", "zed"]
+    assert second[1]["status"] == "contained: time limit" and second[1]["failed_notebook"] == "01_generate.ipynb"
+    assert not processes_with(marker)
+    assert "| 1 | alice |" in (tmp_path / "grades_leaderboard.md").read_text()
+
+
+UPSCALING_GENERATE = """
+
+from PIL import Image as _Image
+
+_generate_at_model_size = generate
+
+
+def generate(cfg, device="cpu", out_dir=None, progress=True):  # this student's change: PNGs at the course's 256 px
+    out = _generate_at_model_size(cfg, device, out_dir, progress)
+    for path in out.glob("*.png"):
+        _Image.open(path).convert("RGB").resize((256, 256)).save(path)
+    return out
+"""
+
+
+def student_project(root: Path) -> Path:
+    """A student's copy of this project whose `generate` writes 256 px PNGs (the shapes models draw 64 px)."""
+    for folder in ["hw6utils", "notebooks", "data/reference"]:
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    for name in ["README.md", "pyproject.toml", "Makefile", "environment.yml"]:
+        shutil.copy(REPO / name, root / name)
+    with open(root / "hw6utils" / "sampling.py", "a") as f:
+        f.write(UPSCALING_GENERATE)
+    return root
+
+
+@pytest.mark.slow
+@needs_sandbox
+def test_a_packaged_zip_is_graded_end_to_end(tmp_path, tiny_clip_dir):
+    course = write_course_fixture(tmp_path / "course")
+    student = student_project(tmp_path / "student")
+    env = {**os.environ, "PYTHONPATH": str(student)}
+    # the student: smoke-train their own code, draw the test prompts, package
+    train_and_draw = ("from hw6utils.config import get_preset\nfrom hw6utils.sampling import generate\n"
+                      "from hw6utils.training import train\n"
+                      f"cfg = get_preset('smoke', data_dir={str(course)!r}, output_dir='outputs', stage='last')\n"
+                      "train(cfg)\ngenerate(cfg, out_dir='png', progress=False)")
+    subprocess.run([sys.executable, "-c", train_and_draw], cwd=student, env=env, check=True)
+    subprocess.run(hw6("package", "--student-id", "b12345", "--images", "png", "--test-json", course / "test.json",
+                       "--out", tmp_path / "zips"), cwd=student, env=env, check=True)
+    with zipfile.ZipFile(tmp_path / "zips" / "hw6_b12345.zip") as archive:
+        archive.extractall(tmp_path / "submissions")
+    # the teacher: rerun the zip's notebooks on the smoke preset and score what they draw
+    refs = sorted((course / "train").glob("*.png"))[:12]
+    stats = save_stats(tmp_path / "stats", *compute_stats(refs, tiny_extractor()))
+    parameters = {"PRESET": "smoke", "DATA_DIR": str(course), "STAGE": "last", "MAX_STEPS": 2, "RESUME_STEPS": 2,
+                  "NUM_INFERENCE_STEPS": 2, "NUM_EXAMPLES": 2, "NUM_IMAGES": 2, "BATCH": 1, "NUM_SEEDS": 1,
+                  "GUIDANCE_SCALES": [2.0], "NUM_SNAPSHOTS": 2, "COUNT": 1}  # the smallest run of every notebook
+    start = time.time()
+    rows = grade(tmp_path / "submissions", tmp_path / "grades.csv", course / "test.json", stats, tiny_extractor(),
+                 str(tiny_clip_dir), parameters=parameters, timeout=600)
+    print(f"graded the packaged zip in {time.time() - start:.0f}s")
+    assert rows[0]["submission"] == "hw6_b12345" and rows[0]["status"] == "ok", rows[0]
+    assert rows[0]["fid"] > 0
+    rerun = tmp_path / "grades_runs" / "hw6_b12345" / "results"
+    with Image.open(rerun / "0_main.png") as image:  # drawn by the student's own generate, not the grader's (64 px)
+        assert image.size == (256, 256)
+    assert (tmp_path / "grades_runs" / "hw6_b12345" / "executed" / "05_sampling.ipynb").is_file()
+
+
+def test_the_image_check_follows_no_link(tmp_path):
+    """A link in an image folder (to ground truth, say) is named as a problem, never opened; `hw6 score` relies on it."""
+    from hw6utils.scoring import check_submission
+    names = ["0_main.png", "1_hit.png"]
+    test_json, _ = scorer_inputs(tmp_path / "course", names)
+    truth, images = tmp_path / "truth", tmp_path / "images"
+    truth.mkdir()
+    images.mkdir()
+    Image.new("RGB", (256, 256), "white").save(truth / "0_main.png")
+    Image.new("RGB", (256, 256), "white").save(images / "1_hit.png")
+    (images / "0_main.png").symlink_to(truth / "0_main.png")
+    assert check_submission(images, test_json) == ["not a regular file: 0_main.png is a symbolic link"]
+    (tmp_path / "linked").symlink_to(truth, target_is_directory=True)
+    assert check_submission(tmp_path / "linked", test_json) == [f"{tmp_path / 'linked'}: not a folder (a symbolic link)"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from hw6utils.sampling import list_checkpoints
+from hw6utils.checkpoints import list_checkpoints
 
 
 def start_training(cfg, *extra):
@@ -96,3 +96,33 @@ def test_sigkill_at_random_moments_never_breaks_a_checkpoint(smoke_cfg):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and f"resumed from {last}" in output, output
     print(f"survived {kills} SIGKILLs; resumed from step {step} and finished step {step + 2}")
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_folder_stops_at_once_and_a_killed_one_does_not_block(smoke_cfg):
+    out = Path(smoke_cfg.train.output_dir)
+    first = start_training(smoke_cfg, "--max_steps", "100000", "--save_freq", "1", "--keep_last", "2")
+    wait_for_steps(smoke_cfg, first, rows=2)
+    second = start_training(smoke_cfg, "--max_steps", "2")
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode == 2, output
+    error = output.strip().splitlines()[-1]
+    assert error.startswith(f"hw6 train: error: {out}: another training (pid {first.pid}, started "), output
+    assert "captions ready" not in output and "starting fresh" not in output, output  # stopped before any work
+    assert first.poll() is None and list_checkpoints(out / "ckpt_last"), "the first run was disturbed"
+    first.kill()  # SIGKILL: no chance to let go of the lock; the kernel does it
+    first.communicate()
+    third = start_training(smoke_cfg, "--max_steps", "2")
+    output, _ = third.communicate(timeout=180)
+    assert third.returncode == 0 and "starting fresh" in output, output
+
+
+def test_only_rank_0_takes_the_output_folder_lock(tmp_path, monkeypatch):
+    from hw6utils.training import output_dir_lock
+    monkeypatch.setenv("RANK", "1")
+    with output_dir_lock(tmp_path):
+        assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    with output_dir_lock(tmp_path):
+        assert (tmp_path / "train.lock.json").is_file()
+    assert not (tmp_path / "train.lock.json").exists()

@@ -28,7 +28,8 @@ def test_sweep_generates_each_cell_with_its_own_settings():
     assert len(rows) == 8 and all(r["s_per_image"] > 0 and set(r) == {"sampler", "steps", "guidance", "mean",
                                                                        "s_per_image"} for r in rows)
     # a cell equals a plain generation with the same sampler, steps, guidance and seeds
-    alone = generate_images(load_model("reference", sampler="dpmpp"), PROMPTS[:2], [7, 8], 5.0, 3, progress=False)
+    alone = generate_images(load_model("reference", sampler="dpmpp"), PROMPTS[:2], [7, 8], guidance_scale=5.0,
+                            num_inference_steps=3, progress=False)
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(alone, seen["dpmpp", 3, 5.0]))
     # and the cells differ from each other
     assert len({np.asarray(images).tobytes() for images in seen.values()}) == 8

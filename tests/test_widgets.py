@@ -27,7 +27,8 @@ def test_generate_button_fills_the_gallery(smoke_cfg):
     assert controls["progress"].value == controls["progress"].max == 2  # one tick per denoising step
     assert not controls["button"].disabled
     assert controls["gallery"] in app.children
-    last = generate_images(model, [controls["prompt"].value], [7], 3.0, 2, progress=False)[0]  # seeds 5, 6, 7
+    last = generate_images(model, [controls["prompt"].value], [7], guidance_scale=3.0, num_inference_steps=2,
+                          progress=False)[0]  # seeds 5, 6, 7
     pixels = np.asarray(Image.open(io.BytesIO(shown[-1].value)), dtype=np.int16)
     assert np.abs(pixels - np.asarray(last, dtype=np.int16)).max() <= 1  # same seed, alone or in a batch
     assert controls["message"].value == ""
