@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"GB of a submission's private /tmp [{Limits.tmp_gb:g}]")
     grade.add_argument("--allow-read", dest="allow_read", action="append", default=[], metavar="PATH",
                        help="another folder the notebooks may read, e.g. local model copies (repeatable)")
+    grade.add_argument("--autograder", default=None, metavar="DIR",
+                       help="also grade the exercises with these otter autograders (hw6 assign's dist/autograder), in "
+                            "the sandbox: a column per exercise and ex_total (needs pip install -e .[course])")
     edition = sub.add_parser("assign", help="write the student edition (exercises without solutions) and the "
                              "autograders with otter-grader (pip install -e .[course])")
     edition.add_argument("--out", default="dist", help="destination folder; its student/ and autograder/ are "
@@ -299,7 +302,7 @@ def run(args) -> int:
         limits = Limits(args.time_limit, args.memory_limit, args.process_limit, args.file_size_limit, args.tmp_size)
         grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
               args.reference, notebook_parameters(args), args.timeout, args.images, sandbox=not args.no_sandbox,
-              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read)
+              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read, autograder=args.autograder)
         return 0
     if args.command == "package":
         from .scoring import package_submission

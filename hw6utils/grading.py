@@ -7,7 +7,9 @@ The rerun runs in a bubblewrap sandbox (`sandbox.py`), writes its PNGs to `RESUL
 injects: `<working copy>/results`) and imports the submission's own `hw6utils` when it ships one. Its executed
 notebooks, images and scores are kept in `<grades>_runs/<submission>/`; the submission folder is never changed.
 Each row is appended to the CSV as soon as it is graded; a broken or hostile submission becomes a row with its
-error (or `contained: <what>`), never stops the batch.
+error (or `contained: <what>`), never stops the batch. With an autograder (`hw6 assign`'s `dist/autograder`), the
+exercises in the submission's notebooks are graded first, in the same sandbox (`exercises.grade_exercises`): one
+column per exercise (`ex_<name>`, points earned) and `ex_total`, whatever the rerun then does.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from .scoring import check_submission, problem_summary, score
 COLUMNS = ["submission", "status", "failed_notebook", "error", "run_time_s", "fid", "clip_t", "clip_i"]
 SKIPPED = {".ipynb_checkpoints", "executed"}  # editor backups, and the copies an earlier grader executed in place
 RUNNER = "import sys; sys.path.insert(0, sys.argv[1]); from hw6utils.notebooks import main; sys.exit(main(sys.argv[2:]))"
+EXERCISES_RUNNER = ("import sys; sys.path.insert(0, sys.argv[1]); from hw6utils.exercises import main; "
+                    "sys.exit(main(sys.argv[2:]))")
+EXERCISES_REPORT = "hw6-exercises: "  # the line that carries the exercises' scores out of the sandbox
 # what an error says -> the limit of the sandbox that stopped it
 CONTAINED = [("MemoryError", "memory limit"), ("Cannot allocate memory", "memory limit"),
              ("can't allocate memory", "memory limit"), ("File too large", "file size limit"),
@@ -41,12 +46,14 @@ FILE_ERRORS = {"OSError", "FileNotFoundError", "PermissionError", "NotADirectory
 
 def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, reference_dir=None,
               parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results",
-              box: Sandbox | None = None, runs_dir=None) -> dict:
+              box: Sandbox | None = None, runs_dir=None, autograder=None) -> dict:
     """One row: rerun the notebooks (in order, parameters injected) in a sandboxed working copy, then check and score
     the images they wrote. box: the sandbox (default: course data from test_json and stats_dir readable, the rest as
-    `grade` sets it); runs_dir: where `<submission>/` keeps the executed notebooks, the images and scores.json."""
+    `grade` sets it); runs_dir: where `<submission>/` keeps the executed notebooks, the images and scores.json;
+    autograder: a folder of otter autograders (`hw6 assign`): the exercises are graded before the rerun."""
     submission = Path(submission)
-    box = box or course_sandbox(test_json, stats_dir, reference_dir, submission.parent, [])
+    box = box or course_sandbox(test_json, stats_dir, reference_dir, submission.parent, [],
+                                readable=[autograder] if autograder else ())
     runs = Path(runs_dir or "grades_runs") / submission.name
     row = {"submission": submission.name, "status": "ok", "failed_notebook": "", "error": ""}
     start = time.time()
@@ -55,7 +62,10 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
     with tempfile.TemporaryDirectory(prefix="hw6-grade-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp) / submission.name
         try:
-            row.update(rerun(submission, work, runs, parameters, timeout, images_subdir, box))
+            copy_submission(submission, work, images_subdir)
+            if autograder is not None:
+                row.update(grade_exercises_in_box(work, autograder, runs, box))
+            row.update(rerun(work, runs, parameters, timeout, images_subdir, box))
         except Exception as err:  # whatever a submission does, the batch goes on
             row.update(status="error", error=error_line(err))
         copy_regular_files(work / "executed", runs / "executed")
@@ -70,9 +80,8 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
     return row
 
 
-def rerun(submission: Path, work: Path, runs: Path, parameters, timeout, images_subdir: str, box: Sandbox) -> dict:
-    """Copy the submission to `work` and run its notebooks there; the row's status, failed_notebook and error."""
-    copy_submission(submission, work, images_subdir)
+def rerun(work: Path, runs: Path, parameters, timeout, images_subdir: str, box: Sandbox) -> dict:
+    """Run the notebooks of the working copy `work`; the row's status, failed_notebook and error."""
     notebooks = find_notebooks(work)
     if not notebooks:
         raise ValueError("no numbered notebooks (NN_*.ipynb) to rerun")
@@ -83,6 +92,37 @@ def rerun(submission: Path, work: Path, runs: Path, parameters, timeout, images_
     if "error" in row:  # the executed copies are kept in runs/, the working copy goes
         row["error"] = row["error"].replace(str(work / "executed"), str(runs / "executed"))
     return row
+
+
+def exercise_columns(autograder) -> dict:
+    """{column: points possible} of the exercises of an autograder folder: `ex_<name>` each (by notebook, then by
+    name), and `ex_total`."""
+    from .exercises import exercise_points
+    zips = sorted(Path(autograder).glob("[0-9][0-9]_*.zip"))
+    if not zips:
+        raise FileNotFoundError(f"{autograder}: no autograder NN_name.zip (write them with `hw6 assign`)")
+    columns = {f"ex_{name}": points for archive in zips for name, points in sorted(exercise_points(archive).items())}
+    return {**columns, "ex_total": sum(columns.values())}
+
+
+def grade_exercises_in_box(work: Path, autograder, runs: Path, box: Sandbox) -> dict:
+    """The exercise columns of a row: `python -m hw6utils.exercises grade` (the grader's copy, otter's local grader)
+    on the working copy's notebooks, in the sandbox; its JSON is kept as runs/exercises.json. The notebooks are
+    looked for as the rerun finds them; none, or a grader that reports nothing, leaves the columns empty."""
+    notebooks = find_notebooks(work)
+    if not notebooks:
+        return {}
+    command = [sys.executable, "-I", "-c", EXERCISES_RUNNER, str(REPO_ROOT), "grade", *map(str, notebooks),
+               "--autograder", str(Path(autograder).resolve()), "--timeout", str(box.limits.time_s),
+               "--report", EXERCISES_REPORT]
+    outcome = run(command, work, box)
+    (runs / "exercises_log.txt").write_text(outcome.output)
+    reports = [line[len(EXERCISES_REPORT):] for line in outcome.output.splitlines() if line.startswith(EXERCISES_REPORT)]
+    if outcome.returncode != 0 or not reports:
+        return {"error": f"exercises not graded (exit status {outcome.returncode}); see {runs / 'exercises_log.txt'}"}
+    scores = json.loads(reports[-1])
+    (runs / "exercises.json").write_text(json.dumps(scores, indent=1) + "\n")
+    return {f"ex_{name}": score["score"] for name, score in scores.items()}
 
 
 def copy_submission(submission: Path, work: Path, images_subdir: str) -> None:
@@ -251,7 +291,7 @@ def read_grades(out_csv: Path) -> list:
     rows = []
     with out_csv.open(newline="") as f:
         for row in csv.DictReader(f):
-            for key in ["run_time_s", "fid", "clip_t", "clip_i"]:
+            for key in ["run_time_s", "fid", "clip_t", "clip_i", *[k for k in row if k.startswith("ex_")]]:
                 if row.get(key):
                     row[key] = float(row[key])
                 else:
@@ -260,20 +300,25 @@ def read_grades(out_csv: Path) -> list:
     return rows
 
 
-def start_grades(out_csv: Path, rows: list) -> None:
+def csv_header(out_csv: Path) -> list:
+    with out_csv.open(newline="") as f:
+        return next(csv.reader(f), [])
+
+
+def start_grades(out_csv: Path, rows: list, columns: list) -> None:
     """Write the CSV's header and the rows kept from an earlier run (atomically: a crash leaves the old file)."""
     tmp = out_csv.with_name(out_csv.name + ".tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out_csv)
 
 
-def append_row(out_csv: Path, row: dict) -> None:
+def append_row(out_csv: Path, row: dict, columns: list) -> None:
     """Add one row and put it on disk now: a grader killed later loses no graded row."""
     with out_csv.open("a", newline="") as f:
-        csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(row)
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(row)
         f.flush()
         os.fsync(f.fileno())
 
@@ -281,13 +326,16 @@ def append_row(out_csv: Path, row: dict) -> None:
 def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model, reference_dir=None,
           parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results",
           sandbox: bool = True, gpu: bool = False, limits: Limits | None = None, resume: bool = False,
-          readable=()) -> list:
+          readable=(), autograder=None) -> list:
     """Grade every folder in submissions_dir, each in a sandbox (sandbox=False: none); append each row to the CSV as
     it is graded (resume=True: keep its rows and skip those submissions); write a leaderboard (Markdown and HTML)
-    beside it. gpu: bind the NVIDIA devices in; readable: more folders the notebooks may read."""
+    beside it. gpu: bind the NVIDIA devices in; readable: more folders the notebooks may read; autograder: grade the
+    exercises with these otter autograders (`hw6 assign`'s dist/autograder) too, a column each."""
     submissions = sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir())
     if not submissions:
         raise ValueError(f"{submissions_dir}: no submission folders")
+    possible = exercise_columns(autograder) if autograder is not None else {}
+    columns = COLUMNS + list(possible)
     out_csv = Path(out_csv).resolve()
     stem = out_csv.with_suffix("")
     runs_dir = stem.with_name(stem.name + "_runs")
@@ -296,40 +344,48 @@ def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model,
     else:
         print(NO_SANDBOX_WARNING, file=sys.stderr)
     rows = read_grades(out_csv) if resume and out_csv.is_file() else []
+    if rows and csv_header(out_csv) != columns:
+        raise ValueError(f"{out_csv}: --resume: its columns {csv_header(out_csv)} are not this run's {columns} (resume "
+                         "with the --autograder of the run it resumes, or none if it had none)")
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    start_grades(out_csv, rows)
+    start_grades(out_csv, rows, columns)
     runs_dir.mkdir(exist_ok=True)
     grade_files = [out_csv, runs_dir, f"{stem}_leaderboard.md", f"{stem}_leaderboard.html"]
-    box = course_sandbox(test_json, stats_dir, reference_dir, submissions_dir, grade_files, limits, gpu, sandbox, readable)
+    box = course_sandbox(test_json, stats_dir, reference_dir, submissions_dir, grade_files, limits, gpu, sandbox,
+                         [*readable, *([autograder] if autograder is not None else [])])
     graded = {row["submission"] for row in rows}
     for submission in submissions:
         if submission.name in graded:
             print(f"{submission.name}: already graded (--resume)")
             continue
         row = grade_one(submission, test_json, stats_dir, extractor, clip_model, reference_dir, parameters, timeout,
-                        images_subdir, box, runs_dir)
-        append_row(out_csv, row)
+                        images_subdir, box, runs_dir, autograder)
+        append_row(out_csv, row, columns)
         rows.append(row)
-        print(f"{submission.name}: {row['status']}" + (f", FID {row['fid']:.2f}" if "fid" in row else ""))
-    write_leaderboard(rows, stem)
+        print(f"{submission.name}: {row['status']}" + (f", FID {row['fid']:.2f}" if "fid" in row else "")
+              + (f", exercises {row['ex_total']:g}/{possible['ex_total']:g}" if "ex_total" in row else ""))
+    write_leaderboard(rows, stem, possible)
     return rows
 
 
-def write_leaderboard(rows: list, stem: Path) -> None:
-    """<stem>_leaderboard.md and .html: scored submissions by FID (lower is better), then the rest."""
+def write_leaderboard(rows: list, stem: Path, exercises: dict | None = None) -> None:
+    """<stem>_leaderboard.md and .html: scored submissions by FID (lower is better), then the rest; exercises:
+    {column: points possible} of the exercise columns, shown after CLIP-I as `<name> (/<possible>)`."""
+    exercises = exercises or {}
     ranked = sorted(rows, key=lambda r: (r.get("fid") is None, r.get("fid") or 0.0))
 
     def cell(row, key):
         value = row.get(key, "")
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    header = ["rank", "submission", "FID", "CLIP-T", "CLIP-I", "status"]
+    header = ["rank", "submission", "FID", "CLIP-T", "CLIP-I",
+              *[f"{column[3:]} (/{points:g})" for column, points in exercises.items()], "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     body = []
     for row in ranked:  # equal FIDs share a rank (1, 1, 3)
         rank = 1 + sum(1 for other in rows if "fid" in other and "fid" in row and other["fid"] < row["fid"])
         values = [str(rank) if "fid" in row else "-", row["submission"], cell(row, "fid"), cell(row, "clip_t"),
-                  cell(row, "clip_i"), row["status"] + (f" ({row['error'][:80]})" if row["error"] else "")]
+                  cell(row, "clip_i"), *[f"{row[c]:g}" if c in row else "" for c in exercises], row["status"] + (f" ({row['error'][:80]})" if row["error"] else "")]
         lines.append("| " + " | ".join(v.replace("|", "/") for v in values) + " |")
         body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in values) + "</tr>")
     Path(f"{stem}_leaderboard.md").write_text("\n".join(lines) + "\n")

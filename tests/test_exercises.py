@@ -1,10 +1,11 @@
 """The course edition: the exercises in the notebooks (otter-grader's format), the student edition `hw6 assign` writes,
 and grading with otter. The slow tests share one `otter assign` run (the `dist` fixture)."""
+import csv
 import json
 import os
 import re
+import shutil
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -12,8 +13,11 @@ import pytest
 import torch
 
 from hw6utils import cli, exercises
+from hw6utils.grading import COLUMNS, grade
 from hw6utils.notebooks import run_notebooks
+from hw6utils.sandbox import unavailable_reason
 
+WHY_NOT = unavailable_reason()  # hw6 grade sandboxes each submission (bubblewrap)
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 MASTERS = exercises.master_notebooks(NOTEBOOK_DIR)
 EXERCISES = {"01_data.ipynb": ["caption"], "04_training.ipynb": ["forward_process", "training_loss", "optimizer_step"],
@@ -279,14 +283,33 @@ def submission(student: Path, out: Path, mistakes=()) -> Path:
 
 
 @pytest.mark.slow
-def test_grading_scores_each_exercise_of_three_submissions(dist, executed_student_edition, tmp_path):
+@pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
+def test_hw6_grade_scores_each_exercise_of_three_submissions_in_the_sandbox(dist, tmp_path):
     student, autograder = dist / "student" / "notebooks", dist / "autograder"
-    submissions = [submission(student, tmp_path / "right"), submission(student, tmp_path / "wrong", MISTAKES),
-                   executed_student_edition]  # blank: the executed notebooks, as hw6 grade keeps them
-    with ThreadPoolExecutor(len(submissions)) as pool:  # each grading waits on its otter subprocesses
-        right, wrong, blank = pool.map(lambda notebooks: exercises.grade_exercises(notebooks, autograder), submissions)
-    full = {name: {"score": 3.0, "possible": 3} for names in EXERCISES.values() for name in names}
-    assert right == {**full, "total": {"score": 18.0, "possible": 18}}
-    zero = {"score": 0.0, "possible": 3}
-    assert wrong == {**full, "guidance": zero, "forward_process": zero, "total": {"score": 12.0, "possible": 18}}
-    assert blank == {**dict.fromkeys(full, zero), "total": {"score": 0.0, "possible": 18}}
+    subs = tmp_path / "submissions"
+    submission(student, subs / "right" / "notebooks")
+    submission(student, subs / "wrong" / "notebooks", MISTAKES)
+    shutil.copytree(student, subs / "blank" / "notebooks")  # the student edition as handed out
+    test_json = tmp_path / "course" / "test.json"
+    (tmp_path / "course" / "stats").mkdir(parents=True)
+    test_json.write_text(json.dumps({"0": {"text_prompt": "A red circle.", "image_name": "0_main.png"}}))
+    # the reruns stop at their first cell (no such preset): the exercises are graded whatever the rerun does
+    rows = grade(subs, tmp_path / "grades.csv", test_json, tmp_path / "course" / "stats", None, None,
+                 parameters={"PRESET": "no_such_preset"}, timeout=120, autograder=autograder)
+    assert [row["status"] for row in rows] == ["notebook failed"] * 3
+    full = {f"ex_{name}": 3.0 for names in EXERCISES.values() for name in sorted(names)}  # by notebook, then name
+    expected = {"right": {**full, "ex_total": 18.0},
+                "wrong": {**full, "ex_guidance": 0.0, "ex_forward_process": 0.0, "ex_total": 12.0},
+                "blank": {**dict.fromkeys(full, 0.0), "ex_total": 0.0}}
+    with open(tmp_path / "grades.csv", newline="") as f:
+        table = {row["submission"]: row for row in csv.DictReader(f)}
+    assert list(next(iter(table.values()))) == COLUMNS + list(full) + ["ex_total"]
+    for name, scores in expected.items():
+        assert {key: float(value) for key, value in table[name].items() if key.startswith("ex_")} == scores, name
+    assert json.loads((tmp_path / "grades_runs" / "wrong" / "exercises.json").read_text())["guidance"] == \
+        {"score": 0.0, "possible": 3}
+    board = (tmp_path / "grades_leaderboard.md").read_text().splitlines()
+    assert board[0].startswith("| rank | submission | FID | CLIP-T | CLIP-I | caption (/3) | forward_process (/3) | "
+                               "optimizer_step (/3) |")
+    assert "ex_total" not in board[0] and "| total (/18) | status |" in board[0]
+    assert "| right | | | | 3 | 3 | 3 | 3 | 3 | 3 | 18 |" in "\n".join(board).replace("  ", " ")

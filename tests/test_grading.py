@@ -153,6 +153,63 @@ def test_equal_fids_share_a_rank(tmp_path):
     assert [line.split(" | ")[:2] for line in board] == [["| 1", "b"], ["| 1", "c"], ["| 3", "a"], ["| -", "d"]]
 
 
+OTTER_TEST = """from otter.test_files import test_case
+
+OK_FORMAT = False
+name = "{name}"
+points = 2
+
+@test_case(hidden=False)
+def test_public(x):
+    assert x
+
+@test_case(hidden=True)
+def test_hidden(x):
+    assert x
+"""
+
+
+def fake_autograder(folder: Path) -> Path:
+    """Two otter autograder zips as `hw6 assign` names them, their tests in otter's exception format."""
+    pytest.importorskip("otter")
+    folder.mkdir(parents=True)
+    for stem, names in [("01_data", ["caption"]), ("04_training", ["training_loss", "forward_process"])]:
+        with zipfile.ZipFile(folder / f"{stem}.zip", "w") as archive:
+            for name in names:
+                archive.writestr(f"tests/{name}.py", OTTER_TEST.format(name=name))
+    return folder
+
+
+def test_exercise_columns_come_from_the_autograders_and_show_on_the_leaderboard(tmp_path):
+    from hw6utils.grading import exercise_columns, write_leaderboard
+    columns = exercise_columns(fake_autograder(tmp_path / "autograder"))
+    assert columns == {"ex_caption": 2, "ex_forward_process": 2, "ex_training_loss": 2, "ex_total": 6}
+    rows = [{"submission": "a", "status": "ok", "error": "", "fid": 50.0, "ex_caption": 2.0, "ex_forward_process": 1.0,
+             "ex_training_loss": 0.0, "ex_total": 3.0},
+            {"submission": "b", "status": "notebook failed", "error": "x"}]  # no exercise graded: empty cells
+    write_leaderboard(rows, tmp_path / "g", columns)
+    board = (tmp_path / "g_leaderboard.md").read_text().splitlines()
+    assert board[0] == ("| rank | submission | FID | CLIP-T | CLIP-I | caption (/2) | forward_process (/2) | "
+                        "training_loss (/2) | total (/6) | status |")
+    assert board[2] == "| 1 | a | 50.0000 |  |  | 2 | 1 | 0 | 3 | ok |"
+    assert board[3] == "| - | b |  |  |  |  |  |  |  | notebook failed (x) |"
+    with pytest.raises(FileNotFoundError, match="no autograder NN_name.zip"):
+        exercise_columns(tmp_path)
+
+
+def test_resume_refuses_grades_with_other_exercise_columns(tmp_path):
+    from hw6utils.grading import COLUMNS
+    subs = tmp_path / "submissions"
+    fake_submission(subs / "alice", ["0_main.png"])
+    grades = tmp_path / "grades.csv"
+    grades.write_text(",".join(COLUMNS) + "\nbob,ok,,,1.0,50.0,0.2,0.3\n")  # graded without exercises
+    before = grades.read_bytes()
+    with pytest.raises(ValueError, match="--resume: its columns .* are not this run's"):
+        grade(subs, grades, tmp_path / "test.json", tmp_path, None, None, sandbox=False, resume=True,
+              autograder=fake_autograder(tmp_path / "autograder"))
+    assert grades.read_bytes() == before
+
+
 @pytest.mark.slow
 @needs_sandbox
 def test_a_submission_that_kills_the_grader_or_its_kernel_loses_no_row(tmp_path, extractor_file, tiny_clip_dir):
