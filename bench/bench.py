@@ -36,7 +36,7 @@ from hw6utils.models import autocast, count_params, to_device  # noqa: E402
 from hw6utils.pipeline import (cpu_conv_backend, denoising_timesteps, guided_noise_pred, onednn_off,  # noqa: E402
                                unet_kwargs)
 from hw6utils.sampling import generate_images, generators, load_model, make_sampler  # noqa: E402
-from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, pick_device,  # noqa: E402
+from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, noise_draws, pick_device,  # noqa: E402
                                prepare_data, setup_unet, step_report)
 
 # dense bf16 (fp16 on T4) by device-name substring, the first match wins: the PCIe and NVL H100s are slower
@@ -105,7 +105,9 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
         return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
 
     def loss_backward(latents, text):
-        loss = diffusion_loss(unet, noise_scheduler, latents, text, null_text, cfg, generator)
+        drop, noise, timesteps = (to_device(x, device) for x in noise_draws(cfg, latents.shape, generator))
+        batch = {"latents": latents, "text": text, "drop": drop, "noise": noise, "timesteps": timesteps}
+        loss = diffusion_loss(unet, noise_scheduler, batch, null_text, cfg)
         loss.backward()
         return loss.detach()
 

@@ -12,7 +12,7 @@ seeded random inputs. In notebooks/ the test cells run as plain code, so papermi
         dist/autograder/NN_name.zip    otter's autograder of each notebook, public and hidden tests
     grade_exercises(folder_or_paths, "dist/autograder")   # `otter run` per notebook, locally (no Docker)
 
-The helpers at the end (`tiny_unet`, `one_thread`, `loss_draws`, `library_off`) are what the notebooks' tests use.
+The helpers at the end (`tiny_unet`, `one_thread`, `library_off`) are what the notebooks' tests use.
 """
 from __future__ import annotations
 
@@ -245,17 +245,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def loss_draws(cfg, latent_shape, generator) -> tuple:
-    """(drop, noise, timesteps): what `training.diffusion_loss` draws from `generator`, in its order (one process),
-    so that a test can hand an exercise the same caption dropout, noise and timesteps."""
-    import torch
-    batch = latent_shape[0]
-    drop = torch.rand(batch, generator=generator) < cfg.train.cond_drop_prob
-    noise = torch.randn(tuple(latent_shape), generator=generator)
-    timesteps = torch.randint(0, cfg.train.num_train_timesteps, (batch,), generator=generator)
-    return drop, noise, timesteps
 
 
 @contextlib.contextmanager

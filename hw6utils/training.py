@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -344,6 +345,35 @@ def holding_output_dir(train_fn):
     return locked
 
 
+@dataclass
+class Run:
+    """Everything one training run holds: what `start_or_resume` builds and the loop of `train` reads."""
+    cfg: Config
+    prepared: dict              # data, encoders and (cached) latents: prepare_data's
+    rank: int                   # this process under torchrun (0 of 1 without it)
+    world: int
+    device: torch.device
+    out_dir: Path
+    unet: torch.nn.Module       # the weights; `model` is what the step calls (compiled and/or DDP-wrapped unet)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel | None
+    scaler: torch.amp.GradScaler
+    noise_scheduler: DDPMScheduler
+    generator: torch.Generator  # every random draw of training (draw_batch), saved in each checkpoint
+    null_text: dict             # the empty prompt's conditioning, for caption dropout
+    scorer: object              # eval_metric's scorer (rank 0), or None
+    start_step: int
+    history: list
+    window: list                # losses since the last log line
+    resume_from: Path | None
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+
 @holding_output_dir
 def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> list:
     """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
@@ -352,120 +382,156 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     batch is then batch_size x grad_accum x N, and only rank 0 writes checkpoints, previews and logs.
     """
     t = cfg.train
+    run = start_or_resume(cfg, prepared)
+    if run.start_step >= t.max_steps:
+        return run.history
+    bar = tqdm(range(run.start_step, t.max_steps), initial=run.start_step, total=t.max_steps,
+               disable=not (progress and run.main_process))
+    tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
+    with stop_on_interrupt() as interrupted:
+        for step in bar:
+            micro_losses = []
+            for micro in range(t.grad_accum):
+                batch = draw_batch(run.prepared, cfg, run.generator, run.device, (run.rank, run.world))
+                # DDP: all-reduce the gradients only after the last micro-batch of the step
+                sync = run.world == 1 or micro == t.grad_accum - 1
+                with contextlib.nullcontext() if sync else run.model.no_sync():
+                    loss = diffusion_loss(run.model, run.noise_scheduler, batch, run.null_text, cfg)
+                    # divide by grad_accum so the summed gradients equal the big-batch mean
+                    run.scaler.scale(loss / t.grad_accum).backward()
+                micro_losses.append(loss.detach())  # kept on the device: reading it now would stall the GPU
+            timed += t.grad_accum
+            # the step's one GPU->CPU read: the losses (averaged over processes) and whether Ctrl-C was pressed
+            losses, stop = step_report(micro_losses, interrupted(), run.world)
+            if not all(map(math.isfinite, losses)):  # before the optimizer step: the weights stay finite
+                raise FloatingPointError(f"loss is {next(x for x in losses if not math.isfinite(x))} at step {step + 1};"
+                                         f" stopping ({kept_checkpoint(run.out_dir)}). Lower lr or check the data.")
+            run.window += losses
+            lr_used = optimizer_step(run)
+            done = step + 1
+            if done % t.log_freq == 0 or done == t.max_steps:
+                record = log_losses(run, done, lr_used, timed * t.batch_size * run.world / max(time.time() - tick, 1e-9))
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                tick, timed = time.time(), 0
+            evaluate_and_save(run, done, stop)
+            if stop:
+                if run.main_process:
+                    print(f"stopped by Ctrl-C after step {done}, checkpoint saved in {run.out_dir / 'ckpt_last'}; resume "
+                          f"with --ckpt_path last --output_dir {t.output_dir} (ckpt_path='last' in a notebook)")
+                break
+    finish(run)
+    return run.history
+
+
+def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
+    """A run at step 0 (an earlier run's files moved aside), or resumed from cfg.train.ckpt_path with everything its
+    checkpoint saved: weights, EMA, optimizer, schedule, random state, history."""
+    t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     rank, world, device = init_distributed(t.device)
-    shard, main_process = (rank, world), rank == 0
+    main_process = rank == 0
     out_dir = ensure_writable_dir(t.output_dir)
     if world > 1 and prepared is None:  # one process builds the shapes set (when missing) while the others wait
         if main_process:
             ensure_data(cfg)
         dist.barrier()
     prepared = prepared or prepare_data(cfg, device)
-    null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
     unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
-    noise_scheduler = make_noise_scheduler(cfg)
     # diffusers' plain "constant" ignores the warm-up; "constant_with_warmup" is the constant rate after it
     lr_scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
                                  num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
     # foreach: the EMA update is two fused kernels over all weights rather than three per weight tensor
     ema = EMAModel(unet.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
-    scorer = training_scorer(cfg) if main_process else None  # loads its networks now: a missing file fails early
-    generator = torch.Generator().manual_seed(t.seed)
-    scaler = grad_scaler(device, t.mixed_precision)
-    start_step, history, window = 0, [], []
-    resume_from = resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None
-    if resume_from is not None:
-        start_step, history, window = load_training_state(resume_from, unet, ema, optimizer, lr_scheduler, generator,
-                                                          t.lr, t.weight_decay, scaler)
-        if start_step >= t.max_steps:
+    run = Run(cfg, prepared, rank, world, device, out_dir, unet, model, optimizer, lr_scheduler, ema,
+              grad_scaler(device, t.mixed_precision), make_noise_scheduler(cfg), torch.Generator().manual_seed(t.seed),
+              {k: v.to(device) for k, v in prepared["null_text"].items()},
+              training_scorer(cfg) if main_process else None,  # loads its networks now: a missing file fails early
+              0, [], [], resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None)
+    if run.resume_from is not None:
+        run.start_step, run.history, run.window = load_training_state(
+            run.resume_from, unet, ema, optimizer, lr_scheduler, run.generator, t.lr, t.weight_decay, run.scaler)
+        if run.start_step >= t.max_steps:
             if main_process:
-                print(f"nothing to train: the checkpoint is at step {start_step} and max_steps is {t.max_steps}")
-            return history
-        saved_steps = load_config(resume_from / "hw6_config.json").train.max_steps
+                print(f"nothing to train: the checkpoint is at step {run.start_step} and max_steps is {t.max_steps}")
+            return run
+        saved_steps = load_config(run.resume_from / "hw6_config.json").train.max_steps
         if saved_steps != t.max_steps and t.lr_schedule != "constant" and main_process:
             print(f"note: max_steps {saved_steps} -> {t.max_steps}: the {t.lr_schedule} schedule now ends at step "
-                  f"{t.max_steps}, so the learning rate at step {start_step} is {lr_scheduler.get_last_lr()[0]:.3g}")
+                  f"{t.max_steps}, so the learning rate at step {run.start_step} is {lr_scheduler.get_last_lr()[0]:.3g}")
         if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
             for log in (out_dir / "loss_log.csv", out_dir / "eval_log.csv"):
-                truncate_csv(log, start_step)
+                truncate_csv(log, run.start_step)
     elif main_process:
         archive_previous_run(out_dir)
     if "dataset" in prepared:
-        prepared["batches"] = image_batches(prepared["dataset"], cfg, device, start_step * t.grad_accum, shard)
+        prepared["batches"] = image_batches(prepared["dataset"], cfg, device, run.start_step * t.grad_accum, (rank, world))
     if world > 1:  # averages gradients across processes during backward
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    effective_batch = t.batch_size * t.grad_accum * world
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if main_process:
         print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
               f"effective batch {t.batch_size} x {t.grad_accum}" + (f" x {world} processes" if world > 1 else "") +
-              f" = {effective_batch}, steps {start_step} -> {t.max_steps}, {precision_text(device, t.mixed_precision)} on {device}")
+              f" = {t.batch_size * t.grad_accum * world}, steps {run.start_step} -> {t.max_steps}, "
+              f"{precision_text(device, t.mixed_precision)} on {device}")
+    return run
 
-    bar = tqdm(range(start_step, t.max_steps), initial=start_step, total=t.max_steps,
-               disable=not (progress and main_process))
-    tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
-    with stop_on_interrupt() as interrupted:
-        for step in bar:
-            micro_losses = []
-            for micro in range(t.grad_accum):
-                latents, text = get_batch(prepared, cfg, generator, device, shard)          # x_0 and its caption
-                # DDP: all-reduce the gradients only after the last micro-batch of the step
-                sync = world == 1 or micro == t.grad_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    loss = diffusion_loss(model, noise_scheduler, latents, text, null_text, cfg, generator, shard)
-                    # divide by grad_accum so the summed gradients equal the big-batch mean
-                    scaler.scale(loss / t.grad_accum).backward()
-                micro_losses.append(loss.detach())  # kept on the device: reading it now would stall the GPU
-                timed += 1
-            # the step's one GPU->CPU read: the losses (averaged over processes) and whether Ctrl-C was pressed
-            losses, stop = step_report(micro_losses, interrupted(), world)
-            if not all(map(math.isfinite, losses)):  # before the optimizer step: the weights stay finite
-                raise FloatingPointError(f"loss is {next(x for x in losses if not math.isfinite(x))} at step {step + 1};"
-                                         f" stopping ({kept_checkpoint(out_dir)}). Lower lr or check the data.")
-            window += losses
-            if t.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients (fp16 only; otherwise a no-op)
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-            lr_used = lr_scheduler.get_last_lr()[0]
-            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
-            scaler.update()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(unet.parameters())
-            done = step + 1
-            if done % t.log_freq == 0 or done == t.max_steps:
-                elapsed = time.time() - tick
-                record = {"step": done, "loss": sum(window) / len(window), "lr": lr_used,
-                          "images_per_s": timed * t.batch_size * world / max(elapsed, 1e-9)}
-                history.append(record)
-                if main_process:
-                    append_csv(out_dir / "loss_log.csv", record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                window, tick, timed = [], time.time(), 0
-            new_best = None
-            if main_process and t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
-                save_preview(unet, ema, noise_scheduler, prepared, cfg, out_dir / "samples_last" / f"step_{done}.png")
-                if scorer is not None:
-                    new_best = score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg, out_dir, done)
-            if main_process and (done % t.save_freq == 0 or done == t.max_steps or stop or new_best):
-                best = read_best(out_dir / "ckpt_last")
-                save_checkpoint(out_dir, done, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg, generator,
-                                history, protect={resume_from, best and best["path"]}, window=window, scaler=scaler)
-                if new_best:  # written after its checkpoint is complete
-                    write_json_atomic(out_dir / "ckpt_last" / "best.json", new_best)
-            if stop:
-                if main_process:
-                    print(f"stopped by Ctrl-C after step {done}, checkpoint saved in {out_dir / 'ckpt_last'}; resume "
-                          f"with --ckpt_path last --output_dir {t.output_dir} (ckpt_path='last' in a notebook)")
-                break
-    if main_process:
-        (out_dir / "history.json").write_text(json.dumps(history))
-        if history:
-            plot_history(history, out_dir / "loss.png")
-    if world > 1:
-        dist.barrier()  # no process leaves before rank 0 has written the last checkpoint
-    return history
+
+def optimizer_step(run: Run) -> float:
+    """Clip the gradients, step, clear them, update the EMA; returns the learning rate the step used."""
+    if run.cfg.train.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients (fp16 only; otherwise a no-op)
+        torch.nn.utils.clip_grad_norm_(run.unet.parameters(), run.cfg.train.grad_clip)
+    lr_used = run.lr_scheduler.get_last_lr()[0]
+    run.scaler.step(run.optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+    run.scaler.update()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.unet.parameters())
+    return lr_used
+
+
+def log_losses(run: Run, done: int, lr_used: float, images_per_s: float) -> dict:
+    """One row of the history (and of loss_log.csv): the mean loss since the last row."""
+    record = {"step": done, "loss": sum(run.window) / len(run.window), "lr": lr_used, "images_per_s": images_per_s}
+    run.history.append(record)
+    if run.main_process:
+        append_csv(run.out_dir / "loss_log.csv", record)
+    run.window = []
+    return record
+
+
+def evaluate_and_save(run: Run, done: int, stop: bool) -> None:
+    """Every eval_freq steps a preview grid (and the eval_metric score, best.json when it is the best so far); every
+    save_freq steps, at the end, on Ctrl-C and at a new best a checkpoint. Rank 0 alone."""
+    t = run.cfg.train
+    if not run.main_process:
+        return
+    new_best = None
+    if t.eval_freq and (done % t.eval_freq == 0 or done == t.max_steps):
+        save_preview(run.unet, run.ema, run.noise_scheduler, run.prepared, run.cfg,
+                     run.out_dir / "samples_last" / f"step_{done}.png")
+        if run.scorer is not None:
+            new_best = score_checkpoint(run.scorer, run.unet, run.ema, run.noise_scheduler, run.prepared, run.cfg,
+                                        run.out_dir, done)
+    if done % t.save_freq == 0 or done == t.max_steps or stop or new_best:
+        best = read_best(run.out_dir / "ckpt_last")
+        save_checkpoint(run.out_dir, done, run.unet, run.ema, run.optimizer, run.lr_scheduler, run.noise_scheduler,
+                        run.cfg, run.generator, run.history, protect={run.resume_from, best and best["path"]},
+                        window=run.window, scaler=run.scaler)
+        if new_best:  # written after its checkpoint is complete
+            write_json_atomic(run.out_dir / "ckpt_last" / "best.json", new_best)
+
+
+def finish(run: Run) -> None:
+    """history.json and the loss curve (rank 0); under torchrun no process leaves before rank 0 has saved."""
+    if run.main_process:
+        (run.out_dir / "history.json").write_text(json.dumps(run.history))
+        if run.history:
+            plot_history(run.history, run.out_dir / "loss.png")
+    if run.world > 1:
+        dist.barrier()
 
 
 def kept_checkpoint(out_dir: Path) -> str:
@@ -499,22 +565,35 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
     return None
 
 
-def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, cfg: Config, generator,
-                   shard: tuple = (0, 1)) -> torch.Tensor:
-    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR.
+def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> dict:
+    """Every random draw of one micro-batch, in one place: x_0 ~ q(x_0) and its caption (get_batch), then which
+    captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (noise_draws). All come from `generator`."""
+    latents, text = get_batch(prepared, cfg, generator, device, shard)
+    drop, noise, timesteps = noise_draws(cfg, latents.shape, generator, shard)
+    on = latents.device
+    return {"latents": latents, "text": text, "drop": to_device(drop, on), "noise": to_device(noise, on),
+            "timesteps": to_device(timesteps, on)}
 
-    shard = (rank, world size): as in get_batch, draw for the global batch and keep this process's slice.
-    """
-    t = cfg.train
-    device = latents.device
-    batch = latents.shape[0]
+
+def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tuple = (0, 1)) -> tuple:
+    """(drop, noise, timesteps) for a micro-batch of latents of latent_shape, on the CPU. shard = (rank, world size):
+    as in get_batch, draw for the global batch and keep this process's slice."""
+    batch = latent_shape[0]
     full, keep = batch * shard[1], slice(shard[0] * batch, (shard[0] + 1) * batch)
+    drop = torch.rand(full, generator=generator)[keep] < cfg.train.cond_drop_prob
+    noise = torch.randn((full, *latent_shape[1:]), generator=generator)[keep]
+    timesteps = torch.randint(0, cfg.train.num_train_timesteps, (full,), generator=generator)[keep]
+    return drop, noise, timesteps
+
+
+def diffusion_loss(unet, noise_scheduler, batch: dict, null_text: dict, cfg: Config) -> torch.Tensor:
+    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR.
+    batch: draw_batch's latents x_0, text, drop, noise eps and timesteps t."""
+    t = cfg.train
+    latents, noise, timesteps, drop = batch["latents"], batch["noise"], batch["timesteps"], batch["drop"]
     # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
-    drop = to_device(torch.rand(full, generator=generator)[keep] < t.cond_drop_prob, device)
     text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
-            for k, v in text.items()}
-    noise = to_device(torch.randn((full, *latents.shape[1:]), generator=generator)[keep], device)  # eps ~ N(0, I)
-    timesteps = to_device(torch.randint(0, t.num_train_timesteps, (full,), generator=generator)[keep], device)
+            for k, v in batch["text"].items()}
     # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if t.channels_last:
@@ -523,7 +602,7 @@ def diffusion_loss(unet, noise_scheduler, latents, text: dict, null_text: dict, 
         target = noise
     else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    with autocast(device, t.mixed_precision):
+    with autocast(latents.device, t.mixed_precision):
         noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()

@@ -146,9 +146,9 @@ def test_library_off_refuses_the_library_under_its_other_names():
     assert hw6utils.data.make_caption is original and notebook["make_caption"] is original
 
 
-def test_loss_draws_are_those_diffusion_loss_makes():
+def test_diffusion_loss_uses_the_draws_of_its_batch():
     from hw6utils.config import get_preset
-    from hw6utils.training import diffusion_loss, make_noise_scheduler
+    from hw6utils.training import diffusion_loss, make_noise_scheduler, noise_draws
     cfg = get_preset("smoke", cond_drop_prob=0.5, mixed_precision="no", text_mask=False)
     unet, scheduler = exercises.tiny_unet(), make_noise_scheduler(cfg)
     calls = []
@@ -158,10 +158,10 @@ def test_loss_draws_are_those_diffusion_loss_makes():
         return unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states)
     recording_unet.config = unet.config
     latents, text_emb, null_emb = torch.randn(6, 4, 8, 8), torch.randn(6, 5, 8), torch.randn(1, 5, 8)
+    drop, noise, timesteps = noise_draws(cfg, latents.shape, torch.Generator().manual_seed(0))
+    batch = {"latents": latents, "text": {"emb": text_emb}, "drop": drop, "noise": noise, "timesteps": timesteps}
     with exercises.one_thread(), torch.no_grad():
-        diffusion_loss(recording_unet, scheduler, latents, {"emb": text_emb}, {"emb": null_emb}, cfg,
-                       torch.Generator().manual_seed(0))
-    drop, noise, timesteps = exercises.loss_draws(cfg, latents.shape, torch.Generator().manual_seed(0))
+        diffusion_loss(recording_unet, scheduler, batch, {"emb": null_emb}, cfg)
     (noisy_latents, used_timesteps, used_emb), = calls
     assert torch.equal(used_timesteps, timesteps)
     assert torch.equal(noisy_latents, scheduler.add_noise(latents, noise, timesteps))
