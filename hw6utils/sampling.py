@@ -7,6 +7,7 @@ and sampled with Stable Diffusion's scaled-linear ones: a silent mismatch).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -181,26 +182,27 @@ def image_is_complete(path: Path, size: int) -> bool:
         return False
 
 
-class finish_batch_on_interrupt:
-    """First Ctrl-C: finish the batch being generated (its images are then written) and stop; a second stops at once."""
+@contextlib.contextmanager
+def stop_on_interrupt(finishing: str):
+    """First Ctrl-C: say `finishing` (what the loop completes before it stops) and let the loop stop there; a second
+    Ctrl-C stops at once. Yields a function: was Ctrl-C pressed? (Signals reach the main thread only: elsewhere it
+    always says no.) Training finishes its step and saves a checkpoint; generation finishes its batch."""
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
 
-    def __enter__(self):
-        self.hit = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handler)
-        return self
-
-    def handler(self, signum, frame):
-        if self.hit:
+    def handler(signum, frame):
+        if hit:
             raise KeyboardInterrupt
-        self.hit = True
-        print("\nCtrl-C: finishing this batch and writing its images (press again to stop at once)")
+        hit.append(signum)
+        print(f"\nCtrl-C: {finishing} (press again to stop at once)")
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> Path:
@@ -232,7 +234,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
     size = model.cfg.data.image_size  # the resolution the model was trained at
     todo = [(i, name, prompt) for i, (name, prompt, _) in enumerate(entries) if not image_is_complete(out / name, size)]
     start, written = time.time(), 0
-    with finish_batch_on_interrupt() as interrupt:
+    with stop_on_interrupt("finishing this batch and writing its images") as interrupted:
         batches = generate_batches(model, [p for _, _, p in todo], [s.sample_seed + i for i, _, _ in todo],
                                    guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps, eta=s.eta,
                                    batch_size=s.gen_batch_size, progress=progress)
@@ -242,7 +244,7 @@ def generate(cfg: Config, device="cpu", out_dir=None, progress: bool = True) -> 
                 image.save(tmp, format="PNG")
                 tmp.replace(out / name)
             written += len(images)
-            if interrupt.hit:
+            if interrupted():
                 break
     done = len(entries) - len(todo) + written
     print(f"wrote {written} image(s) to {out} in {time.time() - start:.1f}s ({len(entries) - len(todo)} already there)")

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from .encoders import (encode_posterior, encode_text, load_text_encoder, load_va
 from .evaluation import image_grid, plot_history, training_scorer
 from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params, to_device
 from .pipeline import unet_kwargs
-from .sampling import LoadedModel, build_pipeline, generators
+from .sampling import LoadedModel, build_pipeline, generators, stop_on_interrupt
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -388,7 +387,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
     bar = tqdm(range(run.start_step, t.max_steps), initial=run.start_step, total=t.max_steps,
                disable=not (progress and run.main_process))
     tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
-    with stop_on_interrupt() as interrupted:
+    with stop_on_interrupt("finishing this step and saving a checkpoint") as interrupted:
         for step in bar:
             micro_losses = []
             for micro in range(t.grad_accum):
@@ -606,28 +605,6 @@ def diffusion_loss(unet, noise_scheduler, batch: dict, null_text: dict, cfg: Con
         noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
-
-
-@contextlib.contextmanager
-def stop_on_interrupt():
-    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once
-    (a checkpoint being written then stays a .tmp folder; the last complete one is untouched)."""
-    hit = []
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield lambda: False
-        return
-
-    def handler(signum, frame):
-        if hit:
-            raise KeyboardInterrupt
-        hit.append(signum)
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(hit)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Crash safety: Ctrl-C saves and stops; SIGKILL at random moments never leaves a checkpoint that fails to load."""
+import json
 import os
 import random
 import signal
@@ -126,3 +127,28 @@ def test_only_rank_0_takes_the_output_folder_lock(tmp_path, monkeypatch):
     with output_dir_lock(tmp_path):
         assert (tmp_path / "train.lock.json").is_file()
     assert not (tmp_path / "train.lock.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_generate_keeps_the_finished_batches_and_a_rerun_makes_the_rest(smoke_cfg):
+    proc = start_training(smoke_cfg, "--max_steps", "2")
+    assert proc.wait(timeout=180) == 0, proc.communicate()[0]
+    out = Path(smoke_cfg.train.output_dir) / "png"
+    args = [sys.executable, "-m", "hw6utils.cli", "generate", "--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir,
+            "--output_dir", smoke_cfg.train.output_dir, "--stage", "last", "--out", str(out), "--gen_batch_size", "1",
+            "--num_inference_steps", "50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("*.png"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "Ctrl-C: finishing this batch" in output and "stopped by Ctrl-C" in output, output
+    kept = sorted(out.glob("*.png"))
+    total = len(json.loads(Path(smoke_cfg.data.data_dir, "test.json").read_text()))
+    assert 2 <= len(kept) < total and not list(out.glob("*.tmp")), output
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and f"({len(kept)} already there)" in proc.stdout, proc.stdout + proc.stderr
+    assert len(list(out.glob("*.png"))) == total
