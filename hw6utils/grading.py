@@ -118,11 +118,13 @@ def grade_exercises_in_box(work: Path, autograder, runs: Path, box: Sandbox) -> 
     outcome = run(command, work, box)
     (runs / "exercises_log.txt").write_text(outcome.output)
     reports = [line[len(EXERCISES_REPORT):] for line in outcome.output.splitlines() if line.startswith(EXERCISES_REPORT)]
-    if outcome.returncode != 0 or not reports:
+    try:
+        scores = json.loads(reports[-1]) if outcome.returncode == 0 and reports else None
+        columns = {f"ex_{name}": float(score["score"]) for name, score in scores.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):  # no report, or not one the grader writes
         return {"error": f"exercises not graded (exit status {outcome.returncode}); see {runs / 'exercises_log.txt'}"}
-    scores = json.loads(reports[-1])
     (runs / "exercises.json").write_text(json.dumps(scores, indent=1) + "\n")
-    return {f"ex_{name}": score["score"] for name, score in scores.items()}
+    return columns
 
 
 def copy_submission(submission: Path, work: Path, images_subdir: str) -> None:
