@@ -78,6 +78,10 @@ class TrainConfig:
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule")
     prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
+    timestep_sampling: str = _f("uniform", "how t is drawn: 'uniform' over 0..T-1 (DDPM), or 'logit_normal' (SD3: t/T = "
+                                           "sigmoid(n), n ~ N(timestep_mean, 1))")
+    timestep_mean: float = _f(0.0, "logit_normal: the mean of n; above 0 more of the noisy steps, where the layout (the "
+                                   "place) is decided")
     mixed_precision: str = _f("bf16", "'bf16' autocast, 'fp16' autocast + GradScaler (what 'bf16' becomes on GPUs "
                                        "without bf16: T4, V100), or 'no' (fp32)")
     cache_latents: bool = _f(True, "encode images and captions once before training (both encoders are frozen)")
@@ -183,7 +187,7 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
 CHOICES = {"lr_schedule": ("cosine", "constant", "linear", "cosine_with_restarts", "polynomial"),
            "prediction_type": ("epsilon", "v_prediction"),
            "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "fp16", "no"),
-           "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
+           "timestep_sampling": ("uniform", "logit_normal"), "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
 AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "batch_size", "grad_accum",
                 "num_train_timesteps", "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size",
                 "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")

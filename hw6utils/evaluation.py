@@ -232,7 +232,7 @@ def evaluate_shapes(model, entries: list, *, guidance_scale: float | None = None
 def training_scorer(cfg):
     """For cfg.train.eval_metric: a function model -> {"score": higher is better, other figures to log}, or None.
 
-    'shapes': colour+shape accuracy on the first eval_limit fixed prompts. 'fid': the course's FID (and CLIP-T
+    'shapes': colour+shape accuracy on the first eval_limit fixed prompts (size, place and all four logged too). 'fid': the course's FID (and CLIP-T
     with eval_clip) of the first eval_limit test.json prompts against eval_stats; on a subset FID runs high, so
     it ranks checkpoints of one run rather than matching the leaderboard. Everything is loaded here, once.
     """
@@ -247,7 +247,8 @@ def training_scorer(cfg):
         def score_shapes(model) -> dict:
             scores, _ = evaluate_shapes(model, entries, guidance_scale=s.guidance_scale,
                                         num_inference_steps=s.num_inference_steps, batch_size=s.gen_batch_size)
-            return {"score": scores["colour_shape"], "colour_shape": scores["colour_shape"]}
+            return {"score": scores["colour_shape"],
+                    **{k: scores[k] for k in ["colour_shape", "size", "place", "all_four"] if k in scores}}
         return score_shapes
     if t.eval_metric != "fid":
         raise ValueError(f"eval_metric must be '', 'shapes' or 'fid', got {t.eval_metric!r}")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_name, ema_weights, list_checkpoints, read_best, save_checkpoint
@@ -566,7 +566,8 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
 
 def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> dict:
     """Every random draw of one micro-batch, in one place: x_0 ~ q(x_0) and its caption (get_batch), then which
-    captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (noise_draws). All come from `generator`."""
+    captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (or timestep_sampling's density; noise_draws).
+    All come from `generator`."""
     latents, text = get_batch(prepared, cfg, generator, device, shard)
     drop, noise, timesteps = noise_draws(cfg, latents.shape, generator, shard)
     on = latents.device
@@ -581,7 +582,13 @@ def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tu
     full, keep = batch * shard[1], slice(shard[0] * batch, (shard[0] + 1) * batch)
     drop = torch.rand(full, generator=generator)[keep] < cfg.train.cond_drop_prob
     noise = torch.randn((full, *latent_shape[1:]), generator=generator)[keep]
-    timesteps = torch.randint(0, cfg.train.num_train_timesteps, (full,), generator=generator)[keep]
+    steps = cfg.train.num_train_timesteps
+    if cfg.train.timestep_sampling == "uniform":
+        timesteps = torch.randint(0, steps, (full,), generator=generator)[keep]
+    else:  # SD3's logit-normal density of t/T (Esser et al. 2024)
+        u = compute_density_for_timestep_sampling("logit_normal", full, logit_mean=cfg.train.timestep_mean,
+                                                  logit_std=1.0, generator=generator)
+        timesteps = (u * steps).long().clamp(max=steps - 1)[keep]
     return drop, noise, timesteps
 
 

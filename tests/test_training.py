@@ -208,3 +208,22 @@ def test_dataloader_workers_leave_ctrl_c_to_the_main_process():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_timesteps_are_uniform_or_logit_normal_and_sharded_alike():
+    from hw6utils.config import get_preset
+    from hw6utils.training import noise_draws
+    uniform = get_preset("smoke")
+    _, _, t = noise_draws(uniform, (2000, 4, 2, 2), torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)  # the uniform draws are DDPM's randint, after dropout and noise
+    torch.rand(2000, generator=generator), torch.randn((2000, 4, 2, 2), generator=generator)
+    assert torch.equal(t, torch.randint(0, 1000, (2000,), generator=generator))
+    noisy = get_preset("smoke", timestep_sampling="logit_normal", timestep_mean=1.0)
+    _, _, t = noise_draws(noisy, (2000, 4, 2, 2), torch.Generator().manual_seed(0))
+    assert 0 <= t.min() and t.max() <= 999 and t.dtype == torch.long
+    assert 0.5 < (t >= 500).float().mean() and 650 < t.float().mean() < 750  # E[sigmoid(N(1, 1))] ~ 0.70
+    # two processes draw the global batch and keep their halves: together, one process's batch
+    halves = [noise_draws(noisy, (1000, 4, 2, 2), torch.Generator().manual_seed(0), (rank, 2))[2] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), t)
+    with pytest.raises(ValueError, match="timestep_sampling must be one of"):
+        get_preset("smoke", timestep_sampling="logit-normal")
