@@ -34,7 +34,7 @@ from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: 
 from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
 from hw6utils.models import autocast, count_params, to_device  # noqa: E402
 from hw6utils.pipeline import (cpu_conv_backend, denoising_timesteps, guided_noise_pred, onednn_off,  # noqa: E402
-                               unet_input, unet_kwargs)
+                               unet_kwargs)
 from hw6utils.sampling import generate_images, generators, load_model, make_sampler  # noqa: E402
 from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, noise_draws, pick_device,  # noqa: E402
                                prepare_data, setup_unet, step_report)
@@ -138,8 +138,8 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
 def two_call_noise_pred(unet, latents, t, text, null_text, *, guidance_scale):
     """CFG as the course scripts did it: one UNet call without the caption, one with it."""
     null_text = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in null_text.items()}
-    noise_uncond = unet(unet_input(unet, latents), t, **unet_kwargs(unet, null_text)).sample
-    noise_text = unet(unet_input(unet, latents), t, **unet_kwargs(unet, text)).sample
+    noise_uncond = unet(latents, t, **unet_kwargs(unet, null_text)).sample
+    noise_text = unet(latents, t, **unet_kwargs(unet, text)).sample
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
@@ -148,7 +148,7 @@ def sampling_images_per_s(unet, scheduler, text, null_text, batch, steps, device
                           conv_backend=cpu_conv_backend) -> float:
     cond = {k: v[:1].expand(batch, *v.shape[1:]).to(device) for k, v in text.items()}
     null = {k: v.to(device) for k, v in null_text.items()}
-    shape = (unet.config.out_channels, unet.config.sample_size, unet.config.sample_size)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = torch.stack([torch.randn(shape, generator=g) for g in generators(range(batch))]).to(device)
     timesteps = denoising_timesteps(scheduler, steps, device)
     predict = guided_noise_pred if batched else two_call_noise_pred
@@ -307,8 +307,7 @@ def mfu_text(unet, cfg, images_per_s: float, device) -> str:
     text = {"emb": torch.randn(1, length, width, device=device), "mask": torch.ones(1, length, device=device),
             "pooled": torch.randn(1, width, device=device)}
     with FlopCounterMode(display=False) as counter, autocast(device, "bf16"):
-        unet(unet_input(unet, latents), torch.tensor([500], device=device),
-             **unet_kwargs(unet, text)).sample.float().sum().backward()
+        unet(latents, torch.tensor([500], device=device), **unet_kwargs(unet, text)).sample.float().sum().backward()
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     achieved = counter.get_total_flops() * images_per_s / 1e12

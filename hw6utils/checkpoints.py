@@ -167,9 +167,9 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
 # ---------------------------------------------------------------------------------------------------- exporting
 def is_stable_diffusion(cfg: Config) -> bool:
     """Whether the model conditions exactly as Stable Diffusion does: the text encoder's token states without a
-    padding mask, no pooled vector, no coordinate channels. Such a model samples with SD's DDIM settings and exports
-    as a plain StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
-    return not cfg.encoders.text_mask and not cfg.model.use_pooled_text and not cfg.model.coord_channels
+    padding mask, no pooled vector. Such a model samples with SD's DDIM settings and exports as a plain
+    StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
+    return not cfg.encoders.text_mask and not cfg.model.use_pooled_text
 
 
 def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = True, figures: dict | None = None) -> Path:

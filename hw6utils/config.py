@@ -56,8 +56,6 @@ class ModelConfig:
     attention_head_dim: int = _f(8, "diffusers' name for the number of attention heads")
     norm_num_groups: int = _f(16, "GroupNorm groups")
     use_pooled_text: bool = _f(True, "add the pooled sentence vector to the time embedding")
-    coord_channels: bool = _f(False, "give the UNet each latent pixel's x and y as two more input channels "
-                                     "(CoordConv): place words are learned far sooner; not Stable Diffusion's layout")
 
 
 @dataclass

@@ -25,7 +25,7 @@ def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DCondit
     if m.use_pooled_text:
         extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": m.cross_attention_dim}
     return UNet2DConditionModel(
-        sample_size=m.sample_size, in_channels=m.latent_channels + 2 * m.coord_channels, out_channels=m.latent_channels,
+        sample_size=m.sample_size, in_channels=m.latent_channels, out_channels=m.latent_channels,
         block_out_channels=tuple(m.block_out_channels), down_block_types=tuple(m.down_block_types),
         up_block_types=tuple(m.up_block_types), layers_per_block=m.layers_per_block,
         cross_attention_dim=m.cross_attention_dim, attention_head_dim=m.attention_head_dim,

@@ -53,20 +53,6 @@ def unet_kwargs(unet, text: dict, text_mask: bool = True) -> dict:
     return kwargs
 
 
-def unet_input(unet, latents: torch.Tensor) -> torch.Tensor:
-    """What the UNet takes: the latents, plus, when its in_channels is out_channels + 2 (`coord_channels`), each
-    pixel's x and y in [-1, 1] (CoordConv, Liu et al. 2018). A convolution sees only a pixel's neighbourhood, so
-    a plain UNet learns where a pixel is only slowly, from its zero padding; with its coordinates beside it,
-    cross-attention can tie "top left" to the top left at once."""
-    config = getattr(unet, "module", unet).config
-    if config.in_channels == latents.shape[1]:
-        return latents
-    batch, _, height, width = latents.shape
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-    coords = torch.stack([xs, ys]).to(device=latents.device, dtype=latents.dtype)
-    return torch.cat([latents, coords.expand(batch, -1, -1, -1)], dim=1)
-
-
 def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, *, guidance_scale: float,
                       text_mask: bool = True) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + s * (eps_text - eps_uncond), in float32.
@@ -76,11 +62,11 @@ def guided_noise_pred(unet, latents, t, text: dict, null_text: dict, *, guidance
     """
     dtype = unet.dtype
     if guidance_scale == 1.0:
-        return unet(unet_input(unet, latents.to(dtype)), t, **unet_kwargs(unet, cast(text, dtype), text_mask)).sample.float()
+        return unet(latents.to(dtype), t, **unet_kwargs(unet, cast(text, dtype), text_mask)).sample.float()
     null_text = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in null_text.items()}  # one row serves all
     cond = cast({k: torch.cat([null_text[k], text[k]]) for k in text}, dtype)
     # combined in fp32: in bf16/fp16 the halves are rounded, and s * (difference) would magnify their rounding
-    noise_uncond, noise_text = unet(unet_input(unet, torch.cat([latents, latents]).to(dtype)), t,
+    noise_uncond, noise_text = unet(torch.cat([latents, latents]).to(dtype), t,
                                     **unet_kwargs(unet, cond, text_mask)).sample.float().chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
@@ -231,7 +217,7 @@ class HW6Pipeline(DiffusionPipeline):
         if null_text["emb"].shape[0] > 1:
             null_text = {k: v.repeat_interleave(num_images_per_prompt, 0) for k, v in null_text.items()}
         # 2. x_T ~ N(0, I), drawn on the CPU from the generator(s): reproducible on any device
-        shape = (batch, self.unet.config.out_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
         latents = latents.to(device) * self.scheduler.init_noise_sigma
         timesteps = denoising_timesteps(self.scheduler, num_inference_steps, device)

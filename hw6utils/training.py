@@ -31,7 +31,7 @@ from .encoders import (encode_posterior, encode_text, load_text_encoder, load_va
                        text_hidden_size)
 from .evaluation import image_grid, plot_history, training_scorer
 from .models import amp_dtype, autocast, build_unet, build_vae, check_text_hidden_size, count_params, to_device
-from .pipeline import unet_input, unet_kwargs
+from .pipeline import unet_kwargs
 from .sampling import LoadedModel, build_pipeline, generators, stop_on_interrupt
 
 
@@ -609,7 +609,7 @@ def diffusion_loss(unet, noise_scheduler, batch: dict, null_text: dict, cfg: Con
     else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     with autocast(latents.device, t.mixed_precision):
-        noise_pred = unet(unet_input(unet, noisy_latents), timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
+        noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
 

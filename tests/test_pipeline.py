@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from hw6utils.checkpoints import is_stable_diffusion
 from hw6utils.cli import main
 from hw6utils.config import apply_overrides, get_preset
 from hw6utils.encoders import load_text_encoder, load_vae
@@ -104,19 +103,6 @@ def test_guidance_one_is_the_conditional_prediction_and_guidance_is_combined_in_
         assert torch.allclose(strong, uncond + 3.0 * (conditional - uncond), atol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert guided_noise_pred(unet, latents, t, text, null, guidance_scale=7.5).dtype == torch.float32
-
-
-def test_coordinate_channels_give_each_pixel_its_x_and_y():
-    from hw6utils.pipeline import unet_input
-    cfg = get_preset("smoke", coord_channels=True)
-    unet = build_unet(cfg)
-    assert (unet.config.in_channels, unet.config.out_channels) == (6, 4)
-    latents = torch.randn(3, 4, 5, 7)
-    x = unet_input(unet, latents)
-    assert x.shape == (3, 6, 5, 7) and torch.equal(x[:, :4], latents)
-    assert torch.allclose(x[1, 4, 2], torch.linspace(-1, 1, 7)) and torch.allclose(x[2, 5, :, 3], torch.linspace(-1, 1, 5))
-    assert unet_input(build_unet(get_preset("smoke")), latents) is latents  # a plain UNet takes the latents alone
-    assert not is_stable_diffusion(cfg)
 
 
 def test_save_pretrained_and_from_pretrained_round_trip(pipe, tmp_path):
@@ -214,14 +200,12 @@ np.save("images.npy", images)
 
 @pytest.mark.slow
 def test_a_tiny_export_loads_in_plain_diffusers_with_its_own_pipeline_code(smoke_cfg, tmp_path):
-    # with coordinate channels: what the UNet takes beyond the latents travels in the export's pipeline code
-    cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0, coord_channels=True)
+    cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
     train(cfg, progress=False)
     prompts = ["A red circle.", "A green square at the bottom."]
     ours = generated(cfg, tmp_path, prompts, steps=5, guidance=2.0)
     assert main(["export", "--preset", "smoke", "--output_dir", cfg.train.output_dir, "--stage", "last",
                  "--out", str(tmp_path / "export")]) == 0
-    assert json.loads((tmp_path / "export" / "unet" / "config.json").read_text())["in_channels"] == 6
     assert (tmp_path / "export" / "pipeline.py").is_file() and (tmp_path / "export" / "text_encoder").is_dir()
     theirs = in_plain_diffusers(tmp_path, f"""
 from diffusers import DiffusionPipeline
