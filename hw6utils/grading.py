@@ -117,7 +117,8 @@ def grade_exercises_in_box(work: Path, autograder, runs: Path, box: Sandbox) -> 
                "--report", EXERCISES_REPORT]
     outcome = run(command, work, box)
     (runs / "exercises_log.txt").write_text(outcome.output)
-    reports = [line[len(EXERCISES_REPORT):] for line in outcome.output.splitlines() if line.startswith(EXERCISES_REPORT)]
+    reports = [line[len(EXERCISES_REPORT):] for line in outcome.output.splitlines()
+               if line.startswith(EXERCISES_REPORT)]
     try:
         scores = json.loads(reports[-1]) if outcome.returncode == 0 and reports else None
         columns = {f"ex_{name}": float(score["score"]) for name, score in scores.items()}
@@ -387,7 +388,8 @@ def write_leaderboard(rows: list, stem: Path, exercises: dict | None = None) -> 
     for row in ranked:  # equal FIDs share a rank (1, 1, 3)
         rank = 1 + sum(1 for other in rows if "fid" in other and "fid" in row and other["fid"] < row["fid"])
         values = [str(rank) if "fid" in row else "-", row["submission"], cell(row, "fid"), cell(row, "clip_t"),
-                  cell(row, "clip_i"), *[f"{row[c]:g}" if c in row else "" for c in exercises], row["status"] + (f" ({row['error'][:80]})" if row["error"] else "")]
+                  cell(row, "clip_i"), *[f"{row[c]:g}" if c in row else "" for c in exercises],
+                  row["status"] + (f" ({row['error'][:80]})" if row["error"] else "")]
         lines.append("| " + " | ".join(v.replace("|", "/") for v in values) + " |")
         body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in values) + "</tr>")
     Path(f"{stem}_leaderboard.md").write_text("\n".join(lines) + "\n")
