@@ -77,9 +77,11 @@ class TrainConfig:
     prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
     timestep_sampling: str = _f("uniform", "how t is drawn: 'uniform' over 0..T-1 (DDPM), or 'logit_normal' (SD3: t/T = "
-                                           "sigmoid(n), n ~ N(timestep_mean, 1))")
+                                           "sigmoid(n), n ~ N(timestep_mean, timestep_std^2))")
     timestep_mean: float = _f(0.0, "logit_normal: the mean of n; above 0 more of the noisy steps, where the layout (the "
                                    "place) is decided")
+    timestep_std: float = _f(1.0, "logit_normal: the standard deviation of n; wider reaches both ends (the noisiest "
+                                   "steps and the last, low-noise ones that sharpen edges)")
     mixed_precision: str = _f("bf16", "'bf16' autocast, 'fp16' autocast + GradScaler (what 'bf16' becomes on GPUs "
                                        "without bf16: T4, V100), or 'no' (fp32)")
     cache_latents: bool = _f(True, "encode images and captions once before training (both encoders are frozen)")
@@ -190,9 +192,10 @@ AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "bat
                 "num_train_timesteps", "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size",
                 "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
 AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
-                 "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr", "vae_kl_weight")
+                 "timestep_std", "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr", "vae_kl_weight")
 BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
 # far beyond any useful value: guidance 1e308 gives all-black images, an AdamW rate of 5 diverges at once
+# (HW6Pipeline.check_inputs repeats the guidance bound: pipeline.py imports nothing of hw6utils, so an export runs alone)
 AT_MOST = {"guidance_scale": 100, "preview_guidance_scale": 100, "eta": 1, "lr": 1, "vae_lr": 1}
 
 

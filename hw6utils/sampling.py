@@ -98,8 +98,9 @@ def load_model(stage: str = "reference", output_dir: str = "outputs", device="cp
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{schedule_path}: cannot read the noise schedule ({err})") from None
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(device).eval()
-    if device.type == "cuda" and amp_dtype(device, cfg.train.mixed_precision) is not None:
-        unet.to(amp_dtype(device, cfg.train.mixed_precision))  # bf16 (fp16 on GPUs without it) as in training
+    dtype = amp_dtype(device, cfg.train.mixed_precision) if device.type == "cuda" else None
+    if dtype is not None:
+        unet.to(dtype)  # bf16 (fp16 on GPUs without it) as in training
     tokenizer, text_model = load_text_encoder(text_name, device)
     vae = load_vae(vae_name, vae_subfolder, device)
     return LoadedModel(build_pipeline(cfg, unet, vae, tokenizer, text_model, schedule, sampler), cfg, path)

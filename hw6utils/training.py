@@ -587,7 +587,7 @@ def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tu
         timesteps = torch.randint(0, steps, (full,), generator=generator)[keep]
     else:  # SD3's logit-normal density of t/T (Esser et al. 2024)
         u = compute_density_for_timestep_sampling("logit_normal", full, logit_mean=cfg.train.timestep_mean,
-                                                  logit_std=1.0, generator=generator)
+                                                  logit_std=cfg.train.timestep_std, generator=generator)
         timesteps = (u * steps).long().clamp(max=steps - 1)[keep]
     return drop, noise, timesteps
 

@@ -225,5 +225,12 @@ def test_timesteps_are_uniform_or_logit_normal_and_sharded_alike():
     # two processes draw the global batch and keep their halves: together, one process's batch
     halves = [noise_draws(noisy, (1000, 4, 2, 2), torch.Generator().manual_seed(0), (rank, 2))[2] for rank in (0, 1)]
     assert torch.equal(torch.cat(halves), t)
+    # a wider density (timestep_std) reaches both ends: the low-noise steps that sharpen edges come up more often
+    wide = get_preset("smoke", timestep_sampling="logit_normal", timestep_mean=1.0, timestep_std=2.0)
+    _, _, t_wide = noise_draws(wide, (2000, 4, 2, 2), torch.Generator().manual_seed(0))
+    assert (t_wide < 200).float().mean() > 2 * (t < 200).float().mean()
+    assert 0.1 < (t_wide < 200).float().mean() < 0.2  # P(sigmoid(N(1, 4)) < 0.2) = P(z < -1.19) ~ 0.12
+    with pytest.raises(ValueError, match="timestep_std must be a number >= 0"):
+        get_preset("smoke", timestep_std=-1.0)
     with pytest.raises(ValueError, match="timestep_sampling must be one of"):
         get_preset("smoke", timestep_sampling="logit-normal")
