@@ -17,6 +17,8 @@ MIN_PIXELS = 12          # fewer foreground pixels than this = a blank image
 NEAR_WHITE = 0.8         # a pixel with every channel above this is background
 MIN_BACKGROUND = 0.5     # an image less than half near-white has no clear background (a shape covers <= 30%)
 MIN_MAIN_PART = 0.5      # the largest connected piece must hold half the foreground, or it is scattered specks
+CORNER = 0.2             # side of the four corner patches of the bounding box, as a fraction of its side
+MIN_CORNER_FILL = 0.4    # a square fills its corner patches (1.0), a circle leaves them nearly empty (~0.1)
 # Half the bounding box's longer side, over the radius the shape was drawn with (render_shape, shape_polygon):
 # a square's corners sit at 0.85 r, a triangle's half-width is sqrt(3)/2 r, a star's sin(72 deg) r.
 EXTENT_PER_RADIUS = {"circle": 1.0, "square": 0.85, "triangle": math.sqrt(3) / 2, "star": math.sin(math.radians(72))}
@@ -57,6 +59,12 @@ def _main_part(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
+def _corner_fill(box: np.ndarray) -> float:
+    """The mean foreground fraction of the four corner patches (CORNER of the side) of a shape's bounding box."""
+    k = max(1, round(CORNER * min(box.shape)))
+    return float(np.mean([box[:k, :k].mean(), box[:k, -k:].mean(), box[-k:, :k].mean(), box[-k:, -k:].mean()]))
+
+
 def _no_shape(pixels: int, problem: str) -> dict:
     return {"colour": None, "shape": None, "size": None, "place": None, "pixels": pixels, "problem": problem}
 
@@ -70,6 +78,8 @@ def check_shape_image(image) -> dict:
     the shape. Colour = nearest palette colour to its median pixel. Shape from the bounding-box fill ratio
     (square ~1, circle ~pi/4, triangle ~1/2) and solidity = area / convex-hull area (a star is far from convex).
     Size = the drawn radius nearest to the one the box implies; place = the nearest of the five centres.
+    Square or circle: a box fill of 0.93 or more is a square; below it, the corners decide: a generated square's
+    edges may waver (fill 0.84-0.92, no longer near 1) while its corners stay, and a circle's corners are empty.
     """
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     rgb = np.asarray(img.convert("RGB").resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255.0
@@ -88,11 +98,12 @@ def check_shape_image(image) -> dict:
     ys, xs = np.nonzero(mask)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = count / float(height * width)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     solidity = count / max(_convex_hull_area(corners), 1.0)
     if solidity < 0.75:
         shape = "star"
-    elif fill >= 0.93:
+    elif fill >= 0.93 or (fill >= 0.66 and _corner_fill(box) >= MIN_CORNER_FILL):
         shape = "square"
     elif fill >= 0.66:
         shape = "circle"

@@ -274,3 +274,22 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(monkeypatch, cap
     err = capsys.readouterr().err
     at = err.index("warning: train/x.png: unreadable or corrupt image; skipped\n")
     assert at == 0 or err[at - 1] in "\r\n", repr(err)
+
+
+def test_demo_trains_scores_its_model_and_prints_the_references_stored_figures(smoke_cfg, capsys):
+    """`hw6 demo` scores its own model and prints the reference's figures from data/reference/eval.json (what
+    `make reference` scored; tests/test_reference.py checks them against a fresh score) instead of generating
+    the 168 images again."""
+    import json
+    from pathlib import Path
+
+    from hw6utils.config import REFERENCE_DIR
+    common = ["--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
+              "--output_dir", smoke_cfg.train.output_dir, "--eval_freq", "0", "--num_inference_steps", "2"]
+    assert main(["demo", *common]) == 0
+    out = capsys.readouterr().out
+    stored = json.loads((REFERENCE_DIR / "eval.json").read_text())
+    assert "4 (guidance" in out and (Path(smoke_cfg.train.output_dir) / "eval_4.json").is_file()  # its own model
+    assert f"reference (as scored by `make reference`; `hw6 evaluate --stage reference` scores it again): " \
+           f"colour+shape {stored['colour_shape']:.0%} of 168 prompts" in out
+    assert not (Path(smoke_cfg.train.output_dir) / "eval_reference.json").exists()  # not generated again
