@@ -10,7 +10,8 @@ between synchronisations); DDIM sampling images/s with classifier-free guidance 
 two calls, at several batch sizes, and the whole pipeline (HW6Pipeline) at the same sizes; the explorer's case (4 images of the reference model); peak memory; on
 CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
-its own against all of them off; --generate N times generating N prompts (the course's test set: 1,063);
+its own against all of them off, and the config in the other precision (fp32 / bf16 autocast);
+--generate N times generating N prompts (the course's test set: 1,063);
 --compare_onednn repeats the CPU sampling rows with PyTorch's own choice of convolution (the library
 overrides it for UNet calls of up to 4 rows: `cpu_conv_backend`) and with oneDNN convolutions off.
 --stand_in replaces the hub encoders of the hw6 presets (CLIP B/32 text tower, SD VAE) by random-weight
@@ -269,6 +270,10 @@ def time_flags(cfg, prepared, device, args) -> None:
     off = apply_overrides(cfg, **{n: False for n in names})
     runs = [("all off", off)] + [(f"+{n}", apply_overrides(off, **{n: True})) for n in names] + [("config", cfg)]
     runs += [(f"config, batch {b}", apply_overrides(cfg, batch_size=int(b))) for b in args.also_batch.split(",") if b]
+    # the precision: on a 2-core CPU bf16 autocast is slower than fp32 for the tiny UNet (its casts cost more than
+    # the bf16 matmuls save), so the tiny preset trains in fp32
+    runs += [(f"config, {p}", apply_overrides(cfg, mixed_precision=p)) for p in ("no", "bf16")
+             if p != cfg.train.mixed_precision]
     base = None
     for label, run_cfg in runs:
         unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)

@@ -42,3 +42,14 @@ def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys)
     assert re.search(r"peak resident memory: [\d,]+ MB", out)
     assert re.search(r"explorer: 4 images of the reference model, DDIM 50 steps: [\d.]+ s", out)
     assert any((tmp_path / "bench").rglob("*.safetensors"))  # the latent cache went to --set output_dir
+
+
+def test_bench_flags_time_each_flag_and_the_other_precision(bench, shapes_dir, vae_dir, tmp_path, capsys):
+    """--flags: a row per speed flag against all off, and the config in the other precision (fp32 against bf16
+    autocast: on a 2-core CPU fp32 trains the tiny UNet faster, so the tiny preset uses it)."""
+    bench.main(["--preset", "smoke", "--device", "cpu", "--train_steps", "2", "--sample_steps", "2", "--batches", "1",
+                "--flags", "--skip_uncached", "--set", f"data_dir={shapes_dir}", f"vae={vae_dir}",
+                f"output_dir={tmp_path / 'bench'}"])
+    rows = dict(re.findall(r"flags (.+?)\s+([\d.]+) images/s", capsys.readouterr().out))
+    assert {"all off", "+channels_last", "config", "config, no"} <= set(rows), rows
+    assert all(float(v) > 0 for v in rows.values())

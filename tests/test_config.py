@@ -57,7 +57,7 @@ def test_bad_values_are_named_at_once(field, value, message):
 def test_help_shows_the_tiny_presets_values():
     from hw6utils.config import field_help
     tiny = get_preset("tiny")
-    assert field_help()["max_steps"][0] == tiny.train.max_steps == 1500
+    assert field_help()["max_steps"][0] == tiny.train.max_steps == 3000
     assert field_help()["guidance_scale"][0] == tiny.sample.guidance_scale == 2.0
 
 
