@@ -192,10 +192,12 @@ AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "bat
                 "num_train_timesteps", "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size",
                 "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
 AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
-                 "timestep_std", "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr", "vae_kl_weight")
+                 "timestep_std", "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr",
+                 "vae_kl_weight")
 BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
 # far beyond any useful value: guidance 1e308 gives all-black images, an AdamW rate of 5 diverges at once
-# (HW6Pipeline.check_inputs repeats the guidance bound: pipeline.py imports nothing of hw6utils, so an export runs alone)
+# (HW6Pipeline.check_inputs repeats the guidance bound: pipeline.py imports nothing of hw6utils, so that an export
+# runs alone)
 AT_MOST = {"guidance_scale": 100, "preview_guidance_scale": 100, "eta": 1, "lr": 1, "vae_lr": 1}
 
 
