@@ -287,6 +287,20 @@ def center_on_content(img: Image.Image, white: int = 245) -> Image.Image:
     return square
 
 
+_SIDE = re.compile(r"\b(left|right)(most|wards?)?\b", re.IGNORECASE)
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the horizontally flipped image: left and right trade places ("in the top-left corner" ->
+    "in the top-right corner", "Left" -> "Right"); a caption that names no side comes back unchanged."""
+    def swap(match):
+        word = match.group(1)
+        other = {"left": "right", "right": "left"}[word.lower()]
+        other = other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+        return other + (match.group(2) or "")
+    return _SIDE.sub(swap, caption)
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """(image in [-1, 1], caption) pairs; the caption is drawn afresh among the key's options each time."""
 
@@ -309,9 +323,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                 index = (index + 1) % len(self)
         else:
             raise ValueError(f"{self.data.root}: every training image is unreadable")
-        if self.flip and rng.random() < 0.5:
-            image = image.flip(-1)
+        flipped = self.flip and rng.random() < 0.5
         caption = rng.choice(self.data.captions[self.data.image_keys[index]])
+        if flipped:  # the mirrored image, described with left and right swapped
+            image, caption = image.flip(-1), mirror_caption(caption)
         return image, caption
 
 

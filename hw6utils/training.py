@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoints import checkpoint_name, ema_weights, list_checkpoints, read_best, save_checkpoint
 from .config import Config, load_config
 from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
-                   load_images, write_json_atomic)
+                   load_images, mirror_caption, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size)
 from .evaluation import image_grid, plot_history, training_scorer
@@ -98,14 +98,17 @@ def prepare_data(cfg: Config, device):
         return out
     start = time.time()
     latent_mean, latent_std = cache_latents(data, vae, cfg)
-    unique = sorted({c for options in data.captions.values() for c in options})
+    unique = {c for options in data.captions.values() for c in options}
+    views = [lambda c: c, mirror_caption] if cfg.data.flip else [lambda c: c]  # a flipped image: left <-> right
+    unique = sorted({view(c) for view in views for c in unique})
     index = {c: i for i, c in enumerate(unique)}
     texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
     # on a GPU the whole cache lives in GPU memory (the course set: ~1.4 GB of latents), so a batch is one gather
     keep_on = device if torch.device(device).type == "cuda" else "cpu"
     out.update(latent_mean=latent_mean.to(keep_on), latent_std=latent_std.to(keep_on),
                text_table={k: torch.cat([t[k] for t in texts]).to(keep_on) for k in texts[0]},
-               caption_ids=[[index[c] for c in data.captions[key]] for key in data.image_keys])
+               caption_ids=[[[index[view(c)] for c in data.captions[key]] for key in data.image_keys]
+                            for view in views])  # [view][image] -> ids of its captions
     print(f"{len(data)} latents x{latent_mean.shape[0]} and {len(unique)} captions ready in {time.time() - start:.1f}s")
     return out
 
@@ -215,10 +218,10 @@ def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, s
     on = mean.device
     pick = (to_device(view, on), to_device(idx, on))
     z = mean[pick] + std[pick] * to_device(eps, on)
-    # one caption per image, drawn afresh among its key's given descriptions
+    # one caption per image, drawn afresh among its key's given descriptions (mirrored for a flipped copy)
     choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
-    caption_ids = torch.tensor([prepared["caption_ids"][i][c % len(prepared["caption_ids"][i])]
-                                for i, c in zip(idx.tolist(), choice)])
+    options = [prepared["caption_ids"][v][i] for v, i in zip(view.tolist(), idx.tolist())]
+    caption_ids = torch.tensor([ids[c % len(ids)] for ids, c in zip(options, choice)])
     caption_ids = to_device(caption_ids, on)
     text = {k: v[caption_ids].to(device) for k, v in prepared["text_table"].items()}
     return scale_latents(prepared["vae"], z.to(device)), text

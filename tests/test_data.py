@@ -8,7 +8,7 @@ from PIL import Image
 
 from hw6utils.data import (HELD_OUT, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS, UNSEEN_SIZE_WORDS,
                            ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
-                           load_test_prompts, make_caption, shape_descriptions, shape_pairs, shape_test_entries)
+                           load_test_prompts, make_caption, mirror_caption, shape_descriptions, shape_pairs, shape_test_entries)
 
 
 def write_course(root, info, images):
@@ -196,7 +196,7 @@ def test_images_are_converted_resized_and_scaled(tmp_path):
 
 def test_dataset_draws_captions_afresh(shapes_dir):
     data = load_course_data(shapes_dir)
-    dataset = ImageCaptionDataset(data, 32, flip=True, seed=0)
+    dataset = ImageCaptionDataset(data, 32, seed=0)
     assert dataset[0][1] == dataset[0][1]  # fixed within an epoch (so a resumed run sees the same batches)
     captions = set()
     for epoch in range(30):
@@ -206,6 +206,36 @@ def test_dataset_draws_captions_afresh(shapes_dir):
     image, _ = dataset[0]
     assert image.shape == (3, 32, 32) and -1 <= image.min() and image.max() <= 1
 
+
+
+def test_mirror_caption_swaps_left_and_right():
+    assert mirror_caption("A red circle. Big, placed in the top-left corner.") == \
+        "A red circle. Big, placed in the top-right corner."
+    assert mirror_caption("Right, then LEFT; the leftmost one moves rightwards.") == \
+        "Left, then RIGHT; the rightmost one moves leftwards."
+    for unchanged in ("A bright star in the middle.", "copyright", "A lefty."):
+        assert mirror_caption(unchanged) == unchanged
+    caption = "It is small and sits in the bottom right corner."
+    assert mirror_caption(mirror_caption(caption)) == caption
+
+
+def test_a_flipped_image_gets_the_mirrored_caption(shapes_dir):
+    data = load_course_data(shapes_dir)
+    index = data.image_keys.index("0_bigbottomleft")
+    original = load_image(data.image_paths[index], 32)
+    dataset = ImageCaptionDataset(data, 32, flip=True, seed=0)
+    seen = set()
+    for epoch in range(20):
+        dataset.epoch = epoch
+        image, caption = dataset[index]
+        if torch.equal(image, original):
+            assert caption in data.captions["0_bigbottomleft"]
+            seen.add("as is")
+        else:
+            assert torch.equal(image, original.flip(-1))
+            assert "bottom right" in caption and caption in map(mirror_caption, data.captions["0_bigbottomleft"])
+            seen.add("flipped")
+    assert seen == {"as is", "flipped"}
 
 
 def test_uncached_dataset_uses_the_next_image_in_place_of_a_corrupt_one(shapes_dir, tmp_path):

@@ -34,6 +34,35 @@ def test_short_training_reduces_the_loss_and_writes_everything(smoke_cfg):
         assert (out / name).is_file(), name
 
 
+def test_cached_flips_draw_the_mirrored_caption(smoke_cfg):
+    """With flip on, a micro-batch sample that takes the flipped latents of an image takes one of its captions with
+    left and right swapped; an unflipped one, one of its captions as given."""
+    from hw6utils.data import mirror_caption
+    from hw6utils.pipeline import latent_shift_scale
+    from hw6utils.training import get_batch
+    cfg = apply_overrides(smoke_cfg, flip=True, batch_size=64)
+    prepared = prepare_data(cfg, pick_device("cpu"))
+    data, mean = prepared["data"], prepared["latent_mean"]
+    assert len(prepared["caption_ids"]) == mean.shape[0] == 2
+    # every latent of image i in view v (1 = flipped) holds the number 1000 v + i, with no posterior noise
+    mark = torch.arange(2)[:, None] * 1000 + torch.arange(mean.shape[1])[None]
+    marked = dict(prepared, latent_mean=mark[..., None, None, None].float().expand_as(mean).contiguous(),
+                  latent_std=torch.zeros_like(prepared["latent_std"]))
+    z, text = get_batch(marked, cfg, torch.Generator().manual_seed(0), "cpu")
+    shift, scale = latent_shift_scale(prepared["vae"])
+    numbers = (z[:, 0, 0, 0] / scale.flatten()[0] + shift.flatten()[0]).round().long().tolist()
+    views = []
+    for number, emb in zip(numbers, text["emb"]):
+        view, i = divmod(number, 1000)
+        given = data.captions[data.image_keys[i]]
+        expected = [mirror_caption(c) for c in given] if view else given
+        assert any(torch.allclose(prepared["encode"]([c])["emb"][0], emb, atol=1e-5) for c in expected), (view, given)
+        views.append(view)
+    assert set(views) == {0, 1}
+    flipped_sides = [mirror_caption(c) != c for key in data.image_keys for c in data.captions[key]]
+    assert any(flipped_sides)  # the smoke set names left and right, so the check above can tell the views apart
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_resume_continues_exactly(smoke_cfg, cached):
     """Train 4 steps straight vs 2, save, resume for 2: the same losses step by step (with and without the
@@ -89,7 +118,7 @@ def test_resume_with_fewer_max_steps_says_where_the_schedule_now_is(smoke_cfg, c
     capsys.readouterr()
     from hw6utils.sampling import load_model
     assert load_model(cfg.train.output_dir + "/ckpt_last/unet_sch_2").steps == 2  # not the run's max_steps (4)
-    assert load_model("reference").steps == 5000  # an exported model: its config's max_steps
+    assert load_model("reference").steps == 18000  # an exported model: its config's max_steps
     train(apply_overrides(cfg, max_steps=3, ckpt_path=cfg.train.output_dir + "/ckpt_last/unet_sch_2"), progress=False)
     out = capsys.readouterr().out
     # cosine over 3 steps, at step 2: lr x (1 + cos(pi x 2/3)) / 2 = lr / 4
