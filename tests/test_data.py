@@ -8,7 +8,8 @@ from PIL import Image
 
 from hw6utils.data import (HELD_OUT, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS, UNSEEN_SIZE_WORDS,
                            ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
-                           load_test_prompts, make_caption, mirror_caption, shape_descriptions, shape_pairs, shape_test_entries)
+                           load_test_prompts, make_caption, mirror_caption, shape_descriptions, shape_pairs,
+                           shape_test_entries)
 
 
 def write_course(root, info, images):
