@@ -98,9 +98,8 @@ def prepare_data(cfg: Config, device):
         return out
     start = time.time()
     latent_mean, latent_std = cache_latents(data, vae, cfg)
-    unique = {c for options in data.captions.values() for c in options}
     views = [lambda c: c, mirror_caption] if cfg.data.flip else [lambda c: c]  # a flipped image: left <-> right
-    unique = sorted({view(c) for view in views for c in unique})
+    unique = sorted({view(c) for view in views for options in data.captions.values() for c in options})
     index = {c: i for i, c in enumerate(unique)}
     texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
     # on a GPU the whole cache lives in GPU memory (the course set: ~1.4 GB of latents), so a batch is one gather
