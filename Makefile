@@ -31,6 +31,7 @@ vae: install
 # The shipped reference UNet on that autoencoder, its export and its figures (70 min here).
 reference: install
 	$(VENV)/bin/hw6 train --preset reference
+	$(VENV)/bin/hw6 evaluate --preset reference --stage last  # its figures go into the exported model card
 	$(VENV)/bin/hw6 export-reference --preset reference --from_checkpoint last --out data/reference
 	$(VENV)/bin/hw6 evaluate --preset reference --stage reference
 	cp outputs/reference/eval_reference.json data/reference/eval.json  # what make demo prints for the reference

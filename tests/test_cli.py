@@ -59,7 +59,7 @@ def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_c
     import json
     import shutil
 
-    from hw6utils.config import apply_overrides, load_config
+    from hw6utils.config import REFERENCE_DIR, apply_overrides, load_config
     from hw6utils.training import train
     cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
     train(cfg, progress=False)
@@ -70,10 +70,16 @@ def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_c
     out = tmp_path / "reference"
     (out / "vae").mkdir(parents=True)
     (out / "vae" / "kept.txt").write_text("an earlier model")
+    shutil.copyfile(REFERENCE_DIR / "eval.json", f"{cfg.train.output_dir}/eval_2.json")  # as `hw6 evaluate` writes it
     assert main(["export-reference", *flags, "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()  # the model card gives the figures in hw6 evaluate's words
+    measured = next(line for line in card.splitlines() if line.startswith("- **Measured:** "))
+    assert measured.startswith("- **Measured:** hw6 evaluate, with the sampling above: colour+shape 99% of 168 prompts ")
     assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [16, 32]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "HW6Pipeline"
     assert (out / "vae" / "config.json").is_file() and not (out / "text_encoder").exists()
+    # no local path of the machine that exported it (diffusers records where each part was loaded from)
+    assert not [p for p in out.rglob("*.json") if "_name_or_path" in json.loads(p.read_text())]
     aside = list(tmp_path.glob("reference_prev_*"))
     assert len(aside) == 1 and (aside[0] / "vae" / "kept.txt").read_text() == "an earlier model"
     # the VAE the UNet was trained with (here a test VAE; named 'reference' only in data/reference)
