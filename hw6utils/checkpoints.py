@@ -167,9 +167,9 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
 # ---------------------------------------------------------------------------------------------------- exporting
 def is_stable_diffusion(cfg: Config) -> bool:
     """Whether the model conditions exactly as Stable Diffusion does: the text encoder's token states without a
-    padding mask, no pooled vector. Such a model samples with SD's DDIM settings and exports as a plain
+    padding mask, no pooled vector, no token embeddings added. Such a model samples with SD's DDIM settings and exports as a plain
     StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
-    return not cfg.encoders.text_mask and not cfg.model.use_pooled_text
+    return not cfg.encoders.text_mask and not cfg.model.use_pooled_text and not cfg.encoders.add_token_embeddings
 
 
 def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = True, figures: dict | None = None) -> Path:
@@ -206,7 +206,8 @@ def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = Tr
             export = StableDiffusionPipeline(**modules, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
         else:
-            settings = {k: pipe.config[k] for k in ("text_mask", "max_text_len", "guidance_scale")}
+            settings = {k: pipe.config[k]
+                        for k in ("text_mask", "max_text_len", "add_token_embeddings", "guidance_scale")}
             export = pipeline_module.HW6Pipeline(**modules, **settings)
             if not self_contained and cfg.encoders.text_encoder == "minilm":  # loaded from its package when absent
                 export.register_to_config(text_encoder_source="minilm")
@@ -261,7 +262,8 @@ def model_card(model, plain_sd: bool, self_contained: bool, figures: dict | None
         f"# hw6-diffusion model: `{cfg.preset}` preset, {model.steps} training steps", "",
         f"A text-to-image latent diffusion model trained from scratch with hw6-diffusion: a UNet2DConditionModel "
         f"({params / 1e6:.2f} M parameters) conditioned on the frozen text encoder `{e.text_encoder}` "
-        f"({'with' if e.text_mask else 'without'} a padding mask) and the frozen VAE `{e.vae}`.", "",
+        f"({'with' if e.text_mask else 'without'} a padding mask"
+        f"{'; its layer 0 added to its last' if e.add_token_embeddings else ''}) and the frozen VAE `{e.vae}`.", "",
         f"- **Data:** `{cfg.data.data_dir}` at {cfg.data.image_size} px ({cfg.data.image_prep}), captions up to "
         f"{e.max_text_len} tokens, {cfg.train.cond_drop_prob:.0%} dropped for classifier-free guidance",
         f"- **Training:** {model.steps} steps at batch {t.batch_size} x {t.grad_accum}, AdamW lr {t.lr:g} ({t.lr_schedule}), "

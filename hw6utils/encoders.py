@@ -70,13 +70,14 @@ def text_hidden_size(model) -> int:
 
 
 @torch.no_grad()
-def encode_text(tokenizer, model, prompts: list, max_length: int, text_mask: bool = True) -> dict:
+def encode_text(tokenizer, model, prompts: list, max_length: int, text_mask: bool = True,
+                add_token_embeddings: bool = False) -> dict:
     """Captions -> {"emb": (B, L, D) token states, "mask": (B, L) 1 = real token, "pooled": (B, D)}.
 
     `pipeline.encode_prompt` does the work (the pipeline encodes prompts the same way); this checks the prompts
     and warns about truncation first. Every caption is padded to max_length so that embeddings of any batch can
     be stacked and swapped (caption dropout). text_mask=False: no padding mask to the text encoder (Stable
-    Diffusion's way).
+    Diffusion's way). add_token_embeddings: add the encoder's layer 0 to its last layer.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -91,7 +92,7 @@ def encode_text(tokenizer, model, prompts: list, max_length: int, text_mask: boo
         hint = "the text encoder's limit" if max_length == limit else f"raise max_text_len (up to {limit}) to keep them whole"
         warnings.warn(f"{too_long} of {len(prompts)} prompt(s) are longer than {max_length} tokens and were "
                       f"truncated ({hint})", stacklevel=2)
-    return encode_prompt(tokenizer, model, prompts, max_length, text_mask)
+    return encode_prompt(tokenizer, model, prompts, max_length, text_mask, add_token_embeddings)
 
 
 def load_vae(name: str, subfolder: str = "", device="cpu", dtype=torch.float32) -> AutoencoderKL:

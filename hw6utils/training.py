@@ -88,7 +88,8 @@ def prepare_data(cfg: Config, device):
                          f" latent pixels, but sample_size is {cfg.model.sample_size}; make them agree")
 
     def encode(prompts):
-        return encode_text(tokenizer, text_model, prompts, cfg.encoders.max_text_len, cfg.encoders.text_mask)
+        e = cfg.encoders
+        return encode_text(tokenizer, text_model, prompts, e.max_text_len, e.text_mask, e.add_token_embeddings)
 
     out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
            "null_text": encode([""])}

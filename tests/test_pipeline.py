@@ -112,6 +112,32 @@ def test_save_pretrained_and_from_pretrained_round_trip(pipe, tmp_path):
     assert torch.equal(run(pipe), run(again))
 
 
+def test_token_embeddings_are_added_to_the_last_layer_and_tell_left_from_right(pipe, tmp_path):
+    """add_token_embeddings: the text states are the encoder's last layer plus its layer 0, which separates the
+    place words the last layer blurs; the pipeline keeps the setting when saved and loaded again."""
+    from hw6utils.pipeline import encode_prompt
+    tokenizer, model = pipe.tokenizer, pipe.text_encoder
+    prompts = ["a red circle in the top left", "a red circle in the top right"]
+    plain = encode_prompt(tokenizer, model, prompts, 20)
+    added = encode_prompt(tokenizer, model, prompts, 20, add_token_embeddings=True)
+    tokens = tokenizer(prompts, padding="max_length", max_length=20, return_tensors="pt")
+    layer0 = model(**tokens, output_hidden_states=True).hidden_states[0]
+    torch.testing.assert_close(added["emb"], plain["emb"] + layer0)
+    assert torch.equal(added["mask"], plain["mask"])
+    side = (tokens.input_ids[0] != tokens.input_ids[1]).nonzero().item()  # the token "left" / "right"
+
+    def cosine(text):
+        return torch.cosine_similarity(text["emb"][0, side], text["emb"][1, side], dim=0).item()
+    assert cosine(added) < cosine(plain) - 0.1
+    pipe.register_to_config(add_token_embeddings=True)
+    try:
+        torch.testing.assert_close(pipe.encode_prompt(prompts)["emb"], added["emb"])
+        pipe.save_pretrained(tmp_path / "pipe")
+    finally:
+        pipe.register_to_config(add_token_embeddings=False)
+    assert HW6Pipeline.from_pretrained(tmp_path / "pipe").config.add_token_embeddings
+
+
 def test_the_reference_is_a_pipeline_folder_that_loads_with_no_other_argument():
     from hw6utils.config import REFERENCE_DIR
     pipe = HW6Pipeline.from_pretrained(REFERENCE_DIR)  # the MiniLM comes from its PyPI package
@@ -200,7 +226,7 @@ np.save("images.npy", images)
 
 @pytest.mark.slow
 def test_a_tiny_export_loads_in_plain_diffusers_with_its_own_pipeline_code(smoke_cfg, tmp_path):
-    cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
+    cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0, add_token_embeddings=True)  # as tiny conditions
     train(cfg, progress=False)
     prompts = ["A red circle.", "A green square at the bottom."]
     ours = generated(cfg, tmp_path, prompts, steps=5, guidance=2.0)

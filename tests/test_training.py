@@ -34,6 +34,22 @@ def test_short_training_reduces_the_loss_and_writes_everything(smoke_cfg):
         assert (out / name).is_file(), name
 
 
+def test_training_encodes_captions_as_the_pipeline_does(smoke_cfg):
+    """The cached caption table and the null conditioning of training come from the pipeline's encode_prompt with
+    the config's settings (add_token_embeddings here), so a model samples with the conditioning it learnt."""
+    from hw6utils.pipeline import encode_prompt
+    cfg = apply_overrides(smoke_cfg, add_token_embeddings=True)
+    prepared = prepare_data(cfg, pick_device("cpu"))
+    caption = prepared["data"].captions[prepared["data"].image_keys[0]][0]
+    row = prepared["caption_ids"][0][0][0]
+    expected = encode_prompt(prepared["tokenizer"], prepared["text_model"], [caption, ""], cfg.encoders.max_text_len,
+                             add_token_embeddings=True)
+    torch.testing.assert_close(prepared["text_table"]["emb"][row], expected["emb"][0])
+    torch.testing.assert_close(prepared["null_text"]["emb"][0], expected["emb"][1])
+    plain = encode_prompt(prepared["tokenizer"], prepared["text_model"], [caption], cfg.encoders.max_text_len)
+    assert not torch.allclose(plain["emb"][0], expected["emb"][0])
+
+
 def test_cached_flips_draw_the_mirrored_caption(smoke_cfg):
     """With flip on, a micro-batch sample that takes the flipped latents of an image takes one of its captions with
     left and right swapped; an unflipped one, one of its captions as given."""
