@@ -167,8 +167,8 @@ def prune_checkpoints(root: Path, keep_last: int, keep: set) -> None:
 # ---------------------------------------------------------------------------------------------------- exporting
 def is_stable_diffusion(cfg: Config) -> bool:
     """Whether the model conditions exactly as Stable Diffusion does: the text encoder's token states without a
-    padding mask, no pooled vector, no token embeddings added. Such a model samples with SD's DDIM settings and exports as a plain
-    StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
+    padding mask, no pooled vector, no token embeddings added. Such a model samples with SD's DDIM settings and
+    exports as a plain StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
     return not cfg.encoders.text_mask and not cfg.model.use_pooled_text and not cfg.encoders.add_token_embeddings
 
 

