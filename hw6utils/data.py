@@ -367,15 +367,21 @@ PLACES = {"topleft": ("top left corner", 0.27, 0.27), "topright": ("top right co
           "bottomright": ("bottom right corner", 0.73, 0.73)}
 PLAIN_PROMPTS = ("Draw a {c} {s}.", "A picture of one {c} {s}, nothing else.", "{C} {s}.")  # unseen phrasings
 # How training captions say size and place: several words and sentences for each, so that a model learns what
-# they mean rather than one fixed string (4 templates x 2 size words x 3 place words = 24 phrasings per action).
+# they mean rather than one fixed string (4 templates x 2 size words x 4 place phrases = 32 phrasings per corner
+# action, 24 for the middle). "High up" and "low down" give the corners a second pair of vertical words: MiniLM
+# puts the unseen "lower" nearer "low" than "high" (cosine 0.63 against 0.36) more clearly than nearer "bottom"
+# than "top" (0.48 against 0.32).
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
-PLACE_WORDS = {"topleft": ("top left corner", "top left", "top-left corner"),
-               "topright": ("top right corner", "top right", "top-right corner"),
-               "center": ("middle", "centre", "center"),
-               "bottomleft": ("bottom left corner", "bottom left", "bottom-left corner"),
-               "bottomright": ("bottom right corner", "bottom right", "bottom-right corner")}
-ACTION_TEMPLATES = ("It is {size} and sits in the {place}.", "It is {size}, in the {place}.",
-                    "A {size} one, in the {place} of the picture.", "{Size}, placed in the {place}.")
+PLACE_WORDS = {"topleft": ("in the top left corner", "in the top left", "in the top-left corner", "high up on the left"),
+               "topright": ("in the top right corner", "in the top right", "in the top-right corner",
+                            "high up on the right"),
+               "center": ("in the middle", "in the centre", "in the center"),
+               "bottomleft": ("in the bottom left corner", "in the bottom left", "in the bottom-left corner",
+                              "low down on the left"),
+               "bottomright": ("in the bottom right corner", "in the bottom right", "in the bottom-right corner",
+                               "low down on the right")}
+ACTION_TEMPLATES = ("It is {size} and sits {place}.", "It is {size}, {place}.",
+                    "A {size} one, {place} of the picture.", "{Size}, placed {place}.")
 # Only in the fixed prompt set, never in a training caption: how well size and place carry over to a user's words.
 UNSEEN_SIZE_WORDS = {"small": ("tiny",), "big": ("huge",)}
 UNSEEN_PLACE_WORDS = {"topleft": ("near the top left", "in the upper left"),
