@@ -233,7 +233,8 @@ def _tiny() -> Config:
     # steps (README, "The demo's recipe, measured"). Guidance: `hw6 sweep` on the reference model (DDIM 50, 72
     # prompts, 4 seeds) gave 90.6% at 2, ~88% at 3, 79-83% at 5 and 75% at 7.5: these models need little.
     # The text states add the encoder's layer 0 to its last layer (add_token_embeddings): place from 94/55/92% to
-    # 92/99/91% over seeds 0/1/2; with the captions' "high up"/"low down" (data.PLACE_WORDS) 100/100/99%.
+    # 92/99/91% over seeds 0/1/2; with the captions' "high up"/"low down" (data.PLACE_WORDS) 100/100/99% (one thread
+    # each; on two, 100/96/98%: README).
     return apply_overrides(Config(preset="tiny"), batch_size=16, max_steps=3000, mixed_precision="no",
                            guidance_scale=2.0, timestep_sampling="logit_normal", timestep_mean=2.0,
                            add_token_embeddings=True)
