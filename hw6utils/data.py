@@ -372,7 +372,8 @@ PLAIN_PROMPTS = ("Draw a {c} {s}.", "A picture of one {c} {s}, nothing else.", "
 # puts the unseen "lower" nearer "low" than "high" (cosine 0.63 against 0.36) more clearly than nearer "bottom"
 # than "top" (0.48 against 0.32).
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
-PLACE_WORDS = {"topleft": ("in the top left corner", "in the top left", "in the top-left corner", "high up on the left"),
+PLACE_WORDS = {"topleft": ("in the top left corner", "in the top left", "in the top-left corner",
+                           "high up on the left"),
                "topright": ("in the top right corner", "in the top right", "in the top-right corner",
                             "high up on the right"),
                "center": ("in the middle", "in the centre", "in the center"),
