@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import REFERENCE_DIR, Config, save_config
+from .config import REFERENCE_DIR, Config, apply_overrides, save_config
 from .data import free_timestamped_path
 
 PREFIX = "unet_sch_"
@@ -221,7 +221,7 @@ def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = Tr
             index["_class_name"] = ["pipeline", "HW6Pipeline"]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
             shutil.copyfile(pipeline_module.__file__, tmp / "pipeline.py")
-        save_config(cfg, tmp / "hw6_config.json")
+        save_config(apply_overrides(cfg, ckpt_path=""), tmp / "hw6_config.json")  # (a resume is the run's)
         card = model_card(model, plain_sd, self_contained, figures)
         (tmp / "README.md").write_text(card.replace("FOLDER", str(out)))
     except BaseException:

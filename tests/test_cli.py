@@ -63,6 +63,7 @@ def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_c
     from hw6utils.training import train
     cfg = apply_overrides(smoke_cfg, max_steps=2, eval_freq=0)
     train(cfg, progress=False)
+    train(apply_overrides(cfg, max_steps=3, ckpt_path="last"), progress=False)  # resumed, as make reference may be
     flags = ["--preset", "smoke", "--output_dir", cfg.train.output_dir]
     with pytest.raises(SystemExit):  # no default --out: data/reference is replaced only when said
         main(["export-reference", *flags])
@@ -70,7 +71,7 @@ def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_c
     out = tmp_path / "reference"
     (out / "vae").mkdir(parents=True)
     (out / "vae" / "kept.txt").write_text("an earlier model")
-    shutil.copyfile(REFERENCE_DIR / "eval.json", f"{cfg.train.output_dir}/eval_2.json")  # as `hw6 evaluate` writes it
+    shutil.copyfile(REFERENCE_DIR / "eval.json", f"{cfg.train.output_dir}/eval_3.json")  # as `hw6 evaluate` writes it
     assert main(["export-reference", *flags, "--out", str(out)]) == 0
     card = (out / "README.md").read_text()  # the model card gives the figures in hw6 evaluate's words
     measured = next(line for line in card.splitlines() if line.startswith("- **Measured:** "))
@@ -84,6 +85,8 @@ def test_export_reference_needs_its_out_and_keeps_the_folder_it_replaces(smoke_c
     assert len(aside) == 1 and (aside[0] / "vae" / "kept.txt").read_text() == "an earlier model"
     # the VAE the UNet was trained with (here a test VAE; named 'reference' only in data/reference)
     assert load_config(out / "hw6_config.json").encoders.vae == cfg.encoders.vae != "reference"
+    # the model's settings, not the run's: training from the exported config starts afresh
+    assert load_config(out / "hw6_config.json").train.ckpt_path == ""
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     broken = tmp_path / "broken"
     shutil.copytree(f"{cfg.train.output_dir}/ckpt_last/unet_sch_2", broken)
