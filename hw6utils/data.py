@@ -367,10 +367,11 @@ PLACES = {"topleft": ("top left corner", 0.27, 0.27), "topright": ("top right co
           "bottomright": ("bottom right corner", 0.73, 0.73)}
 PLAIN_PROMPTS = ("Draw a {c} {s}.", "A picture of one {c} {s}, nothing else.", "{C} {s}.")  # unseen phrasings
 # How training captions say size and place: several words and sentences for each, so that a model learns what
-# they mean rather than one fixed string (4 templates x 2 size words x 4 place phrases = 32 phrasings per corner
+# they mean rather than one fixed string (4 templates x 2 size words x 5 place phrases = 40 phrasings per corner
 # action, 24 for the middle). "High up" and "low down" give the corners a second pair of vertical words: MiniLM
 # puts the unseen "lower" nearer "low" than "high" (cosine 0.63 against 0.36) more clearly than nearer "bottom"
-# than "top" (0.48 against 0.32).
+# than "top" (0.48 against 0.32). "Up in"/"down in" (MORE_PLACE_WORDS) give them a third: with two pairs, one
+# training seed in three still read the unseen "upper" or "lower" upside down (README, "The demo's recipe").
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 PLACE_WORDS = {"topleft": ("in the top left corner", "in the top left", "in the top-left corner",
                            "high up on the left"),
@@ -381,6 +382,10 @@ PLACE_WORDS = {"topleft": ("in the top left corner", "in the top left", "in the 
                               "low down on the left"),
                "bottomright": ("in the bottom right corner", "in the bottom right", "in the bottom-right corner",
                                "low down on the right")}
+# Training captions only: the fixed prompt set's training-style prompts keep to PLACE_WORDS, so that the prompt set
+# (and the shipped reference's figures on it) stays as it was when these were added.
+MORE_PLACE_WORDS = {"topleft": ("up in the left corner",), "topright": ("up in the right corner",), "center": (),
+                    "bottomleft": ("down in the left corner",), "bottomright": ("down in the right corner",)}
 ACTION_TEMPLATES = ("It is {size} and sits {place}.", "It is {size}, {place}.",
                     "A {size} one, {place} of the picture.", "{Size}, placed {place}.")
 # Only in the fixed prompt set, never in a training caption: how well size and place carry over to a user's words.
@@ -412,15 +417,24 @@ def shape_descriptions(colour: str, shape: str) -> list:
             f"A {COLOUR_SYNONYMS[colour]} ({colour}) {nouns[2]} on a white background."]
 
 
-def action_descriptions(size: str, place: str) -> list:
-    """Every training phrasing of one size and place (ACTION_TEMPLATES x SIZE_WORDS x PLACE_WORDS)."""
+def action_descriptions(size: str, place: str, prompt_set: bool = False) -> list:
+    """Every training phrasing of one size and place (ACTION_TEMPLATES x SIZE_WORDS x PLACE_WORDS and
+    MORE_PLACE_WORDS); prompt_set=True: those of the fixed prompt set's training-style prompts (PLACE_WORDS only)."""
+    places = PLACE_WORDS[place] + (() if prompt_set else MORE_PLACE_WORDS[place])
     return [template.format(size=word, Size=word.capitalize(), place=where) for template in ACTION_TEMPLATES
-            for word in SIZE_WORDS[size] for where in PLACE_WORDS[place]]
+            for word in SIZE_WORDS[size] for where in places]
 
 
-def action_description(size: str, place: str, rng: random.Random) -> str:
+def action_description(size: str, place: str, rng: random.Random, prompt_set: bool = False) -> str:
     """The action description of one shapes-set key: a training phrasing of its size and place, drawn by rng."""
-    return rng.choice(action_descriptions(size, place))
+    return rng.choice(action_descriptions(size, place, prompt_set))
+
+
+def shapes_actions(seed: int = 0) -> dict:
+    """Each shapes-set key ("3_smalltopleft": object 3, small, top left) -> its action description, drawn by a
+    generator of its own (so the phrasing leaves the images as they are)."""
+    return {f"{i}_{size}{place}": action_description(size, place, random.Random(f"{seed}-{i}_{size}{place}"))
+            for i, _ in enumerate(shape_pairs(held_out=False)) for size in SIZES for place in PLACES}
 
 
 def unseen_placed_prompt(colour: str, shape: str, size: str, place: str, rng: random.Random) -> str:
@@ -485,15 +499,13 @@ def build_shapes_dataset(out_dir, frames: int = 50, seed: int = 0, image_size: i
     out = Path(out_dir)
     (out / "train").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    info = {}
+    info, actions = {}, shapes_actions(seed)
     for monster_id, (colour, shape) in enumerate(shape_pairs(held_out=False)):
         for size in SIZES:
             for place in PLACES:
-                action = f"{size}{place}"
-                key = f"{monster_id}_{action}"
+                key = f"{monster_id}_{size}{place}"
                 info[key] = {"original_name": f"{colour} {shape}", "given_description": shape_descriptions(colour, shape),
-                             "action_description": action_description(size, place, random.Random(f"{seed}-{key}")),
-                             "num_frames": frames}
+                             "action_description": actions[key], "num_frames": frames}
                 for frame in range(frames):
                     render_shape(colour, shape, size, place, rng, image_size).save(out / "train" / f"{key}_{frame}.png")
     (out / "train_info.json").write_text(json.dumps(info, indent=1))
@@ -530,7 +542,7 @@ def shape_test_entries(seed: int = 0) -> dict:
                 while prompt is None or prompt in used:  # a pair dealt the same size and place twice: new words
                     if kind == "seen":
                         prompt = make_caption(rng.choice(shape_descriptions(colour, shape)),
-                                              action_description(size, place, rng))
+                                              action_description(size, place, rng, prompt_set=True))
                     else:
                         prompt = unseen_placed_prompt(colour, shape, size, place, rng)
             used.add(prompt)
@@ -550,15 +562,23 @@ def ensure_data(cfg) -> Path:
 
 def ensure_shapes_dataset(data_dir, frames: int = 50, seed: int = 0, image_size: int = 64) -> Path:
     """Build the shapes set on first use; one built by an older version of the builder (its test.json is not
-    today's prompt set) is built again in place (the images come out the same; the captions and prompts change)."""
+    today's prompt set, or its action descriptions not today's) is built again in place (the images come out the
+    same; the captions and prompts change)."""
     root = Path(data_dir)
     if not (root / "train_info.json").exists():
         print(f"building the shapes set in {root} ({len(shape_pairs(False)) * 10 * frames} images)...")
         build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
-    elif is_shapes_set(root) and read_json(root / "test.json", "test.json") != shape_test_entries(seed):
+    elif is_shapes_set(root) and not is_current_shapes_set(root, seed):
         print(f"the shapes set in {root} was built by an earlier version (other captions and prompts): building it again")
         build_shapes_dataset(root, frames=frames, seed=seed, image_size=image_size)
     return root
+
+
+def is_current_shapes_set(root: Path, seed: int) -> bool:
+    """Whether a shapes set has today's prompt set (test.json) and action descriptions (train_info.json)."""
+    info = read_json(root / "train_info.json", "train_info.json")
+    actions = {key: entry.get("action_description") if isinstance(entry, dict) else None for key, entry in info.items()}
+    return actions == shapes_actions(seed) and read_json(root / "test.json", "test.json") == shape_test_entries(seed)
 
 
 def is_shapes_set(root: Path) -> bool:

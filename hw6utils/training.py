@@ -569,11 +569,16 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
 
 def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> dict:
     """Every random draw of one micro-batch, in one place: x_0 ~ q(x_0) and its caption (get_batch), then which
-    captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (or timestep_sampling's density; noise_draws).
-    All come from `generator`."""
+    captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (or timestep_sampling's density; noise_draws),
+    and with text_noise the jitter of the caption's token states. All come from `generator`."""
     latents, text = get_batch(prepared, cfg, generator, device, shard)
     drop, noise, timesteps = noise_draws(cfg, latents.shape, generator, shard)
     on = latents.device
+    if cfg.train.text_noise > 0:  # jittered token states (NEFTune, Jain et al. 2023): an unseen word near a known one
+        emb = text["emb"]         # is read like it
+        full, keep = emb.shape[0] * shard[1], slice(shard[0] * emb.shape[0], (shard[0] + 1) * emb.shape[0])
+        jitter = torch.randn((full, *emb.shape[1:]), generator=generator)[keep]
+        text = dict(text, emb=emb + cfg.train.text_noise * to_device(jitter, emb.device))
     return {"latents": latents, "text": text, "drop": to_device(drop, on), "noise": to_device(noise, on),
             "timesteps": to_device(timesteps, on)}
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hw6utils.data import (HELD_OUT, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS, UNSEEN_SIZE_WORDS,
-                           ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
+from hw6utils.data import (HELD_OUT, MORE_PLACE_WORDS, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS,
+                           UNSEEN_SIZE_WORDS, ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
                            load_test_prompts, make_caption, mirror_caption, shape_descriptions, shape_pairs,
                            shape_test_entries)
 
@@ -70,8 +70,8 @@ def test_each_prompt_names_the_size_and_place_it_asks_for_and_no_other():
             assert any(phrase_in(w, prompt) for w in words) == (place == entry["place"]), prompt
         if entry["phrasing"] == "seen":
             options = [make_caption(d, a) for d in shape_descriptions(entry["colour"], entry["shape"])
-                       for a in action_descriptions(entry["size"], entry["place"])]
-            assert prompt in options
+                       for a in action_descriptions(entry["size"], entry["place"], prompt_set=True)]
+            assert prompt in options  # the prompt set keeps to PLACE_WORDS (MORE_PLACE_WORDS: captions only)
 
 
 def test_the_fixed_prompt_set_is_fixed_by_its_seed():
@@ -91,7 +91,8 @@ def test_training_captions_say_size_and_place_in_several_ways(shapes_dir):
         by_action.setdefault((size, place), set()).add(entry["action_description"])
     assert all(len(phrasings) >= 5 for phrasings in by_action.values()), by_action
     used = " ".join(" ".join(phrasings) for phrasings in by_action.values())
-    for word in [w for words in [*SIZE_WORDS.values(), *PLACE_WORDS.values()] for w in words]:
+    words = [*SIZE_WORDS.values(), *PLACE_WORDS.values(), *MORE_PLACE_WORDS.values()]
+    for word in [w for group in words for w in group]:
         assert phrase_in(word, used), word                  # each training word shows up somewhere
     again = build_shapes_dataset(shapes_dir.parent / "again", frames=1, seed=0)
     assert json.loads((again / "train_info.json").read_text()) == info
@@ -313,3 +314,23 @@ def test_a_shapes_set_built_by_an_earlier_version_is_built_again(tmp_path, capsy
     assert (root / "train" / "0_bigcenter_0.png").read_bytes() == image
     ensure_shapes_dataset(root, frames=1, seed=0)  # today's set is left as it is
     assert "earlier version" not in capsys.readouterr().out
+
+
+def test_a_shapes_set_with_earlier_captions_is_built_again(tmp_path, capsys):
+    """A set built before MORE_PLACE_WORDS has today's test.json but other action descriptions: training on it
+    would silently miss the captions' newer words."""
+    import json
+
+    from hw6utils.data import MORE_PLACE_WORDS, build_shapes_dataset, ensure_shapes_dataset
+    root = build_shapes_dataset(tmp_path / "shapes", frames=1, seed=0)
+    info = json.loads((root / "train_info.json").read_text())
+    newer = [key for key, entry in info.items() if any(w in entry["action_description"]
+                                                       for words in MORE_PLACE_WORDS.values() for w in words)]
+    assert newer  # some keys are captioned in the newer words
+    for key in newer:
+        info[key]["action_description"] = "It is big and sits in the middle."
+    (root / "train_info.json").write_text(json.dumps(info))
+    ensure_shapes_dataset(root, frames=1, seed=0)
+    assert "built by an earlier version" in capsys.readouterr().out
+    assert json.loads((root / "train_info.json").read_text())[newer[0]]["action_description"] != \
+        "It is big and sits in the middle."

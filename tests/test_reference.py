@@ -18,6 +18,15 @@ def test_reference_is_complete_and_small():
     assert load_config(REFERENCE_DIR / "hw6_config.json").encoders.vae == "reference"
 
 
+def test_the_reference_preset_is_the_recipe_the_shipped_model_was_trained_with():
+    """`make reference` trains `get_preset("reference")`: a change to the tiny preset (which it starts from) must
+    not change it unseen."""
+    import dataclasses
+
+    from hw6utils.config import get_preset
+    assert dataclasses.asdict(get_preset("reference")) == dataclasses.asdict(load_config(REFERENCE_DIR / "hw6_config.json"))
+
+
 @pytest.mark.slow
 def test_reference_follows_the_whole_prompt_on_the_fixed_prompts():
     """At the model's own defaults (DDIM 50, guidance 2) on the 168 fixed prompts: at least 97% colour+shape and at

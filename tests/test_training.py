@@ -279,3 +279,30 @@ def test_timesteps_are_uniform_or_logit_normal_and_sharded_alike():
         get_preset("smoke", timestep_std=-1.0)
     with pytest.raises(ValueError, match="timestep_sampling must be one of"):
         get_preset("smoke", timestep_sampling="logit-normal")
+
+
+def test_text_noise_jitters_the_token_states_only_when_asked_and_shards_alike():
+    from types import SimpleNamespace
+
+    from hw6utils.config import get_preset
+    from hw6utils.training import draw_batch
+    vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4, latents_mean=None, latents_std=None,
+                                                 scaling_factor=1.0, shift_factor=None))
+    table = {"emb": torch.randn(3, 5, 8), "mask": torch.ones(3, 5), "pooled": torch.randn(3, 8)}
+    prepared = {"latent_mean": torch.randn(1, 6, 4, 2, 2), "latent_std": torch.ones(1, 6, 4, 2, 2) * 0.1, "vae": vae,
+                "caption_ids": [[[i % 3] for i in range(6)]], "text_table": table}
+    plain = get_preset("smoke", batch_size=400)
+    batch = draw_batch(prepared, plain, torch.Generator().manual_seed(0), "cpu")
+    assert all(any(torch.equal(row, states) for states in table["emb"]) for row in batch["text"]["emb"])  # as cached
+    noisy = get_preset("smoke", batch_size=400, text_noise=0.5)
+    jittered = draw_batch(prepared, noisy, torch.Generator().manual_seed(0), "cpu")
+    for k in ("latents", "noise", "timesteps", "drop"):  # the other draws are those of a run without it
+        assert torch.equal(jittered[k], batch[k]), k
+    assert torch.equal(jittered["text"]["pooled"], batch["text"]["pooled"])
+    jitter = jittered["text"]["emb"] - batch["text"]["emb"]
+    assert 0.45 < jitter.std() < 0.55 and abs(jitter.mean()) < 0.02
+    halves = [draw_batch(prepared, get_preset("smoke", batch_size=200, text_noise=0.5),
+                         torch.Generator().manual_seed(0), "cpu", (rank, 2)) for rank in (0, 1)]
+    assert torch.equal(torch.cat([h["text"]["emb"] for h in halves]), jittered["text"]["emb"])
+    with pytest.raises(ValueError, match="text_noise must be a number >= 0"):
+        get_preset("smoke", text_noise=-0.1)
