@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from hw6utils.data import (HELD_OUT, MORE_PLACE_WORDS, PLACE_WORDS, PLACES, SIZE_WORDS, SIZES, UNSEEN_PLACE_WORDS,
-                           UNSEEN_SIZE_WORDS, ImageCaptionDataset, action_descriptions, build_shapes_dataset, load_course_data, load_image,
-                           load_test_prompts, make_caption, mirror_caption, shape_descriptions, shape_pairs,
-                           shape_test_entries)
+                           UNSEEN_SIZE_WORDS, ImageCaptionDataset, action_descriptions, build_shapes_dataset,
+                           load_course_data, load_image, load_test_prompts, make_caption, mirror_caption,
+                           shape_descriptions, shape_pairs, shape_test_entries)
 
 
 def write_course(root, info, images):
@@ -319,9 +319,7 @@ def test_a_shapes_set_built_by_an_earlier_version_is_built_again(tmp_path, capsy
 def test_a_shapes_set_with_earlier_captions_is_built_again(tmp_path, capsys):
     """A set built before MORE_PLACE_WORDS has today's test.json but other action descriptions: training on it
     would silently miss the captions' newer words."""
-    import json
-
-    from hw6utils.data import MORE_PLACE_WORDS, build_shapes_dataset, ensure_shapes_dataset
+    from hw6utils.data import ensure_shapes_dataset
     root = build_shapes_dataset(tmp_path / "shapes", frames=1, seed=0)
     info = json.loads((root / "train_info.json").read_text())
     newer = [key for key, entry in info.items() if any(w in entry["action_description"]
