@@ -194,14 +194,19 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def shard_rows(batch: int, shard: tuple) -> tuple:
+    """(rows of the global micro-batch, the slice of them that is this process's) for shard = (rank, world size)."""
+    rank, world = shard
+    return batch * world, slice(rank * batch, (rank + 1) * batch)
+
+
 def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)):
     """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict).
 
     shard = (rank, world size): under torchrun every process draws the randomness of the whole global
     micro-batch (B x world) and keeps its own slice, so N processes see exactly what one process would.
     """
-    rank, world = shard
-    full, keep = cfg.train.batch_size * world, slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size)
+    full, keep = shard_rows(cfg.train.batch_size, shard)
     if "dataset" in prepared:
         images, captions = next(prepared["batches"])
         mean, std = encode_posterior(prepared["vae"], images)  # on the VAE's device
@@ -576,7 +581,7 @@ def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, 
     on = latents.device
     if cfg.train.text_noise > 0:  # jittered token states (NEFTune, Jain et al. 2023): an unseen word near a known one
         emb = text["emb"]         # is read like it
-        full, keep = emb.shape[0] * shard[1], slice(shard[0] * emb.shape[0], (shard[0] + 1) * emb.shape[0])
+        full, keep = shard_rows(emb.shape[0], shard)
         jitter = torch.randn((full, *emb.shape[1:]), generator=generator)[keep]
         text = dict(text, emb=emb + cfg.train.text_noise * to_device(jitter, emb.device))
     return {"latents": latents, "text": text, "drop": to_device(drop, on), "noise": to_device(noise, on),
@@ -587,7 +592,7 @@ def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tu
     """(drop, noise, timesteps) for a micro-batch of latents of latent_shape, on the CPU. shard = (rank, world size):
     as in get_batch, draw for the global batch and keep this process's slice."""
     batch = latent_shape[0]
-    full, keep = batch * shard[1], slice(shard[0] * batch, (shard[0] + 1) * batch)
+    full, keep = shard_rows(batch, shard)
     drop = torch.rand(full, generator=generator)[keep] < cfg.train.cond_drop_prob
     noise = torch.randn((full, *latent_shape[1:]), generator=generator)[keep]
     steps = cfg.train.num_train_timesteps
