@@ -58,6 +58,17 @@ def timed(device, fn):
     return out, time.perf_counter() - start
 
 
+def matmul_gflops(device, n: int = 1024, reps: int = 10) -> float:
+    """The machine's speed as one number, to compare figures measured on different machines: fp32 GFLOP/s of an
+    n x n matrix product (a 2-core VM on a 2.0 GHz EPYC, Zen 1: 34 on one thread, 42-64 on two as its host's load
+    varied; its training steps were 2.8x slower than on the VM of the README's earlier figures)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):  # warm-up: the first products also start the thread pool
+        a @ b
+    _, seconds = timed(device, lambda: [a @ b for _ in range(reps)])
+    return 2 * n ** 3 * reps / seconds / 1e9
+
+
 def stand_in_encoders(cfg, root: Path) -> dict:
     """Random-weight CLIP ViT-B/32 text tower and Stable Diffusion VAE (their published configs), saved with
     save_pretrained under root; returns the config overrides that point the preset at them. The tokenizer is
@@ -192,7 +203,8 @@ def main(argv=None) -> None:
     cfg = get_preset(args.preset, **{"device": str(device), "output_dir": "outputs/bench", "eval_freq": 0, **overrides})
     if args.stand_in:
         cfg = apply_overrides(cfg, **stand_in_encoders(cfg, Path(cfg.train.output_dir) / "stand_in"))
-    print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}")
+    print(f"preset {cfg.preset} on {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}; "
+          f"fp32 matmul {matmul_gflops(device):.0f} GFLOP/s")
 
     results = {}
     for cached in (True,) if args.skip_uncached else (True, False):
@@ -208,6 +220,9 @@ def main(argv=None) -> None:
         shares = ", ".join(f"{k} {v / total:.1%}" for k, v in split.items())
         print(f"training {'cached  ' if cached else 'uncached'}: {results[cached]:8.1f} images/s "
               f"(batch {run_cfg.train.batch_size}; phase by phase {run_cfg.train.batch_size / total:.1f} images/s: {shares})")
+        if cached:  # what `hw6 train` would take here for these steps (without its clipping, EMA and checkpoints)
+            print(f"  {run_cfg.train.max_steps:,} steps of {run_cfg.train.batch_size} (max_steps): "
+                  f"~{run_cfg.train.max_steps * seconds / 60:.1f} min of UNet and AdamW steps on this machine")
     if not args.skip_uncached:
         print(f"cache speed-up: {results[True] / results[False]:.2f}x")
     print(f"UNet parameters: {count_params(unet):,}")

@@ -19,10 +19,14 @@ def bench():
 def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys):
     bench.main(["--preset", "smoke", "--device", "cpu", "--train_steps", "3", "--sample_steps", "2",
                 "--batches", "1,2", "--compare_onednn", "--set", f"data_dir={shapes_dir}", f"vae={vae_dir}",
-                f"output_dir={tmp_path / 'bench'}"])
+                f"output_dir={tmp_path / 'bench'}", "max_steps=3000"])
     out = capsys.readouterr().out
+    assert float(re.search(r"fp32 matmul (\d+) GFLOP/s", out).group(1)) > 0  # the machine's speed, to compare runs
     speeds = {kind: float(v) for kind, v in re.findall(r"training (cached|uncached)\s*:\s+([\d.]+) images/s", out)}
     assert set(speeds) == {"cached", "uncached"} and all(v > 0 for v in speeds.values())
+    # what max_steps of training would take here, from the same timing
+    minutes = float(re.search(r"3,000 steps of 8 \(max_steps\): ~([\d.]+) min", out).group(1))
+    assert minutes == pytest.approx(3000 * 8 / speeds["cached"] / 60, rel=0.02, abs=0.06)
     ratio = float(re.search(r"cache speed-up: ([\d.]+)x", out).group(1))
     assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], rel=0.03)  # speeds are printed to 0.1
     # the split of a cached step: the encoders take no time at all when the cache is on
