@@ -3,12 +3,13 @@
     .venv/bin/python bench/bench.py                                 # tiny preset, CPU
     .venv/bin/python bench/bench.py --preset hw6 --stand_in --flags --generate 1063   # on a GPU
 
-Prints: the machine's fp32 matmul GFLOP/s (to compare figures across machines); parameter count; training images/s with the latent/text cache and without it (the course's way:
-both encoders on every step), for steps run back to back (one read of the loss per step, as in `train`),
-and the split of a step into data, encoders, UNet forward+backward and optimizer (each phase timed alone,
-between synchronisations), and what max_steps of those steps would take here; DDIM sampling images/s with classifier-free guidance as one batched UNet call vs
-two calls, at several batch sizes, and the whole pipeline (HW6Pipeline) at the same sizes; the explorer's case (4 images of the reference model); peak memory; on
-CUDA, MFU.
+Prints: the machine's fp32 matmul GFLOP/s (to compare figures across machines); parameter count; training images/s
+with the latent/text cache and without it (the course's way: both encoders on every step), for steps run back to
+back (one read of the loss per step, as in `train`), and the split of a step into data, encoders, UNet
+forward+backward and optimizer (each phase timed alone, between synchronisations), and what max_steps of those
+steps would take here; DDIM sampling images/s with classifier-free guidance as one batched UNet call vs two calls,
+at several batch sizes, and the whole pipeline (HW6Pipeline) at the same sizes; the explorer's case (4 images of
+the reference model); peak memory; on CUDA, MFU.
 --flags times a training step with each speed flag (tf32, fused AdamW, channels_last, torch.compile) on
 its own against all of them off, and the config in the other precision (fp32 / bf16 autocast);
 --generate N times generating N prompts (the course's test set: 1,063);
