@@ -5,15 +5,20 @@ course data, all read-only; its own working copy, read-write; and a private /tmp
 absent: the ground truth, the other submissions, the grades, the teacher's home, the real /tmp. It has no network
 (an empty network namespace of its own), its own process namespace (nothing it starts outlives it), and limits on
 memory, processes and file size (util-linux's prlimit, applied inside). The grader kills it at the time limit.
-Root's sandboxes run as user `nobody` (setpriv): the kernel never applies the process limit to root.
+Root's sandboxes each run as a user of their own, an unused uid (setpriv): the kernel never applies the process limit
+to root, and counts it per user, so that as `nobody` every sandbox running at once (and every daemon of `nobody`)
+would share one count.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,7 +30,9 @@ from pathlib import Path
 from .config import REPO_ROOT
 
 GB = 2 ** 30
-NOBODY = 65534           # the user root's sandboxes run as
+NOBODY = 65534           # the user of bubblewrap's start-up probe as root
+FIRST_UID = 1_500_000_000  # root's sandboxes run as uids from here on: one no process and no account uses,
+UIDS = 4096                # and no other sandbox of this machine holds (a lock on a file in lock_dir() says so)
 OUTPUT_TAIL = 64 * 1024  # characters of a run's stdout and stderr kept for its log
 FIX = "or pass --no-sandbox to grade without one (README, 'For the course', says what a submission can then do)"
 NO_SANDBOX_WARNING = (
@@ -191,31 +198,87 @@ def sandbox_env(box: Sandbox) -> list:
     return [arg for name, value in env.items() for arg in ["--setenv", name, value]]
 
 
-def limit_command(limits: Limits) -> list:
-    """What runs first inside: root turns into nobody (root is exempt from the process limit), then prlimit."""
-    drop = [] if not is_root() else ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+def limit_command(limits: Limits, uid: int = NOBODY) -> list:
+    """What runs first inside: root turns into `uid` (root is exempt from the process limit), then prlimit."""
+    drop = [] if not is_root() else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                                      "--inh-caps=-all", "--bounding-set=-all", "--"]
     return drop + ["prlimit", f"--nproc={limits.processes}", f"--data={int(limits.memory_gb * GB)}",
                    f"--fsize={int(limits.file_gb * GB)}", "--core=0", "--"]
 
 
-def sandbox_command(command: list, work: Path, box: Sandbox) -> list:
+def sandbox_command(command: list, work: Path, box: Sandbox, uid: int = NOBODY) -> list:
     """The bwrap command line that runs `command` in `work`, contained as the module docstring says."""
     namespaces = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                   "--die-with-parent", "--new-session"]
     if not is_root():  # a user namespace: the process limit then counts the sandbox's processes alone
         namespaces += ["--unshare-user", "--cap-drop", "ALL"]
     return (["bwrap", *mount_args(mounts(work, box)), *namespaces, "--chdir", str(work), "--clearenv",
-             *sandbox_env(box), "--", *limit_command(box.limits), *command])
+             *sandbox_env(box), "--", *limit_command(box.limits, uid), *command])
 
 
-def prepare_working_copy(work: Path) -> None:
-    """Root's sandboxes run as nobody, who must be able to write the working copy."""
-    if not is_root():
+def prepare_working_copy(work: Path, uid: int | None) -> None:
+    """Root's sandbox runs as `uid`, who must be able to write the working copy."""
+    if uid is None:
         return
     for folder, dirs, files in os.walk(work):
         for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
-            os.chown(name, NOBODY, NOBODY, follow_symlinks=False)
+            os.chown(name, uid, uid, follow_symlinks=False)
+
+
+def running_uids() -> set:
+    """The real uids of every process on the machine."""
+    uids = set()
+    for status in glob.glob("/proc/[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            line = next(line for line in Path(status).read_text().splitlines() if line.startswith("Uid:"))
+            uids.add(int(line.split()[1]))
+    return uids
+
+
+def has_account(uid: int) -> bool:
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def lock_dir() -> Path:
+    """Root's folder of the sandboxes' uid locks: /run/hw6-sandbox (or in /tmp where /run cannot be written)."""
+    folder = Path("/run/hw6-sandbox") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir()) / "hw6-sandbox"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise RuntimeError(f"{folder}: expected root's own folder (where the sandboxes' uids are handed out); "
+                           "remove it and grade again")
+    return folder
+
+
+@contextlib.contextmanager
+def sandbox_user():
+    """As root, a uid for one sandbox, held (a lock on lock_dir()/<uid>) until it has ended; else None (a user
+    namespace: the process limit then counts the sandbox's processes alone)."""
+    if not is_root():
+        yield None
+        return
+    folder = lock_dir()
+    busy = running_uids()
+    for uid in range(FIRST_UID, FIRST_UID + UIDS):
+        if uid in busy or has_account(uid):
+            continue
+        lock = os.open(folder / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+        except BlockingIOError:
+            os.close(lock)
+            continue
+        try:
+            yield uid
+        finally:
+            os.close(lock)
+        return
+    raise RuntimeError(f"no free uid for a sandbox in {FIRST_UID}..{FIRST_UID + UIDS - 1}: {UIDS} sandboxes at once?")
 
 
 def keep_tail(stream, kept: list) -> None:
@@ -244,16 +307,18 @@ def run(command: list, work: Path, box: Sandbox) -> Outcome:
     group); kill it all at the time limit. Returns when nothing it started is left running (sandboxed)."""
     if not box.enabled:
         return run_process(command, work, box.limits.time_s)
-    prepare_working_copy(work)
-    info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N} there: the sandbox's first process
-    argv = sandbox_command(command, work, box)
-    try:
-        outcome = run_process([argv[0], "--info-fd", str(info_write), *argv[1:]], work, box.limits.time_s, info_write)
-    finally:
-        os.close(info_write)  # bwrap has ended: with our copy closed, the read below ends
-        with os.fdopen(info_read) as info:
-            text = info.read()
-    wait_until_gone(json.loads(text).get("child-pid") if text.strip() else None)
+    with sandbox_user() as uid:
+        prepare_working_copy(work, uid)
+        info_read, info_write = os.pipe()  # bwrap writes {"child-pid": N} there: the sandbox's first process
+        argv = sandbox_command(command, work, box, uid)
+        try:
+            outcome = run_process([argv[0], "--info-fd", str(info_write), *argv[1:]], work, box.limits.time_s,
+                                  info_write)
+        finally:
+            os.close(info_write)  # bwrap has ended: with our copy closed, the read below ends
+            with os.fdopen(info_read) as info:
+                text = info.read()
+        wait_until_gone(json.loads(text).get("child-pid") if text.strip() else None)
     return outcome
 
 

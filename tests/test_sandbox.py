@@ -170,3 +170,61 @@ def test_no_sandbox_says_what_a_submission_can_then_do(tmp_path, capsys):
     for can in ["read the ground truth", "other submissions", "your home folder", "network", "only the time limit holds"]:
         assert can in err, err
     assert Path(tmp_path / "g.csv").is_file()
+
+
+FILL = """import os, time
+made = 0
+try:
+    for _ in range(64):
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        made += 1
+except OSError:
+    pass
+with open('count', 'w') as f:
+    f.write(str(made))
+os.replace('count', 'full')
+time.sleep(60)"""
+SPAWN = """import os
+children = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print('forked', len(children))"""
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user each sandbox is a user namespace of its own")
+def test_sandboxes_at_once_have_a_process_count_each(tmp_path):
+    """Root's sandboxes each run as a uid of their own: one holding every process its limit allows leaves the next
+    one, started beside it, all of its own (as one shared user, `nobody`, the second could not fork at all)."""
+    full, other = tmp_path / "full", tmp_path / "other"
+    full.mkdir()
+    other.mkdir()
+    box = Sandbox(limits=Limits(time_s=10, processes=16))
+    outcomes = []
+    holder = threading.Thread(target=lambda: outcomes.append(run([os.sys.executable, "-c", FILL], full, box)))
+    holder.start()
+    deadline = time.time() + 20
+    while not (full / "full").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    assert 0 < int((full / "full").read_text()) < 16  # it reached its limit and holds it
+    beside = run([os.sys.executable, "-c", SPAWN], other, box)
+    assert beside.returncode == 0 and "forked 6" in beside.output, beside.output
+    holder.join()
+    assert outcomes[0].timed_out  # the holder was still there, holding its processes, until its time limit
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's sandboxes are handed a uid")
+def test_a_sandbox_uid_is_one_no_process_and_no_other_sandbox_has(monkeypatch):
+    from hw6utils import sandbox
+    monkeypatch.setattr(sandbox, "running_uids", lambda: {sandbox.FIRST_UID})  # as if a process ran as the first
+    with sandbox.sandbox_user() as first, sandbox.sandbox_user() as second:
+        assert sandbox.FIRST_UID < first < second < sandbox.FIRST_UID + sandbox.UIDS
+    with sandbox.sandbox_user() as again:  # both let go
+        assert again == first
