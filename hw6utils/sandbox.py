@@ -189,6 +189,7 @@ def mount_args(ops: list) -> list:
 def sandbox_env(box: Sandbox) -> list:
     """The sandbox's whole environment (the teacher's is cleared): offline, a home in the private /tmp."""
     env = {"PATH": f"{Path(sys.prefix) / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp/home", "TMPDIR": "/tmp",
+           "USER": "sandbox", "LOGNAME": "sandbox",  # root's sandbox uid has no account: getpass.getuser() reads these
            "LANG": "C.UTF-8", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
     if hub_cache() is not None:
         env["HF_HUB_CACHE"] = str(hub_cache())

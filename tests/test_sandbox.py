@@ -228,3 +228,12 @@ def test_a_sandbox_uid_is_one_no_process_and_no_other_sandbox_has(monkeypatch):
         assert sandbox.FIRST_UID < first < second < sandbox.FIRST_UID + sandbox.UIDS
     with sandbox.sandbox_user() as again:  # both let go
         assert again == first
+
+
+@needs_sandbox
+def test_a_submission_has_a_user_name_and_a_home(tmp_path):
+    """Root's sandbox uid has no account: what asks for the user's name (torch.compile's cache folder) or home
+    still gets one."""
+    code = "import getpass, os; print(getpass.getuser(), os.path.expanduser('~'))"
+    outcome = run([os.sys.executable, "-c", code], tmp_path, Sandbox(limits=Limits(time_s=30)))
+    assert outcome.returncode == 0 and outcome.output.split() == ["sandbox", "/tmp/home"], outcome.output
