@@ -12,7 +12,6 @@ would share one count.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import json
 import os
@@ -260,6 +259,7 @@ def lock_dir() -> Path:
 def sandbox_user():
     """As root, a uid for one sandbox, held (a lock on lock_dir()/<uid>) until it has ended; else None (a user
     namespace: the process limit then counts the sandbox's processes alone)."""
+    from filelock import FileLock, Timeout
     if not is_root():
         yield None
         return
@@ -268,16 +268,15 @@ def sandbox_user():
     for uid in range(FIRST_UID, FIRST_UID + UIDS):
         if uid in busy or has_account(uid):
             continue
-        lock = os.open(folder / str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        lock = FileLock(folder / str(uid), timeout=0)  # an OS lock: the kernel lets go of it when we end, however
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-        except BlockingIOError:
-            os.close(lock)
+            lock.acquire()
+        except Timeout:
             continue
         try:
             yield uid
         finally:
-            os.close(lock)
+            lock.release()
         return
     raise RuntimeError(f"no free uid for a sandbox in {FIRST_UID}..{FIRST_UID + UIDS - 1}: {UIDS} sandboxes at once?")
 
