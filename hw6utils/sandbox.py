@@ -268,7 +268,7 @@ def sandbox_user():
     for uid in range(FIRST_UID, FIRST_UID + UIDS):
         if uid in busy or has_account(uid):
             continue
-        lock = FileLock(folder / str(uid), timeout=0)  # an OS lock: the kernel lets go of it when we end, however
+        lock = FileLock(folder / str(uid), timeout=0)  # an OS lock: let go of however this process ends
         try:
             lock.acquire()
         except Timeout:
