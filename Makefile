@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/hw6 demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The shipped autoencoder (data/reference/vae, ~7 min here). Both the tiny and the reference UNets are trained on
 # its latents: retraining it means retraining them (make reference; the demo's figures in the README).

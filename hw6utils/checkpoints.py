@@ -169,7 +169,8 @@ def is_stable_diffusion(cfg: Config) -> bool:
     """Whether the model conditions exactly as Stable Diffusion does: the text encoder's token states without a
     padding mask, no pooled vector, no token embeddings added. Such a model samples with SD's DDIM settings and
     exports as a plain StableDiffusionPipeline (when its VAE uses a single scaling factor, as SD's does)."""
-    return not cfg.encoders.text_mask and not cfg.model.use_pooled_text and not cfg.encoders.add_token_embeddings
+    return (not cfg.encoders.text_mask and not cfg.model.use_pooled_text and not cfg.encoders.add_token_embeddings
+            and cfg.train.prediction_type != "flow")  # SD's pipeline scales its inputs as no flow scheduler can
 
 
 def export_pipeline(model, out, *, fp16: bool = False, self_contained: bool = True, figures: dict | None = None) -> Path:

@@ -79,8 +79,10 @@ class TrainConfig:
                                 "idea; MiniLM's states have element std ~0.74): words are read from a neighbourhood")
     noise_schedule: str = _f("squaredcos_cap_v2", "DDPM beta schedule: 'linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'")
     num_train_timesteps: int = _f(1000, "diffusion steps T of the training schedule")
-    prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon' or 'v_prediction'")
-    snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE)")
+    prediction_type: str = _f("epsilon", "what the UNet predicts: 'epsilon', 'v_prediction', or 'flow' (flow "
+                                         "matching, SD3's rectified flow: x_s = (1 - s) x_0 + s eps, the UNet "
+                                         "predicts eps - x_0; sampled by Euler steps, FlowMatchEulerDiscreteScheduler)")
+    snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE; 'flow' is always plain MSE)")
     timestep_sampling: str = _f("uniform", "how t is drawn: 'uniform' over 0..T-1 (DDPM), or 'logit_normal' (SD3: t/T = "
                                            "sigmoid(n), n ~ N(timestep_mean, timestep_std^2))")
     timestep_mean: float = _f(0.0, "logit_normal: the mean of n; above 0 more of the noisy steps, where the layout (the "
@@ -90,6 +92,8 @@ class TrainConfig:
     mixed_precision: str = _f("bf16", "'bf16' autocast, 'fp16' autocast + GradScaler (what 'bf16' becomes on GPUs "
                                        "without bf16: T4, V100), or 'no' (fp32)")
     cache_latents: bool = _f(True, "encode images and captions once before training (both encoders are frozen)")
+    cache_dir: str = _f("", "where the encoded latents and captions are kept ('' = <output_dir>/cache); runs on the "
+                            "same data and encoders can share one folder and skip the encoding")
     eval_freq: int = _f(500, "save a sample grid every N steps (0 = never)")
     eval_metric: str = _f("", "also score the EMA model every eval_freq steps and keep the best checkpoint "
                               "(ckpt_last/best.json, stage 'best'): '' off, 'shapes' (colour+shape accuracy), "
@@ -190,7 +194,7 @@ def apply_overrides(cfg: Config, **overrides) -> Config:
 
 
 CHOICES = {"lr_schedule": ("cosine", "constant", "linear", "cosine_with_restarts", "polynomial"),
-           "prediction_type": ("epsilon", "v_prediction"),
+           "prediction_type": ("epsilon", "v_prediction", "flow"),
            "noise_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"), "mixed_precision": ("bf16", "fp16", "no"),
            "timestep_sampling": ("uniform", "logit_normal"), "sampler": ("ddim", "dpmpp"), "eval_metric": ("", "shapes", "fid"), "image_prep": ("stretch", "center")}
 AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "batch_size", "grad_accum",

@@ -225,7 +225,7 @@ class HW6Pipeline(DiffusionPipeline):
         # 2. x_T ~ N(0, I), drawn on the CPU from the generator(s): reproducible on any device
         shape = (batch, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = latents.to(device) * getattr(self.scheduler, "init_noise_sigma", 1.0)  # (flow matching's has none)
         timesteps = denoising_timesteps(self.scheduler, num_inference_steps, device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         unet_batch = batch * (1 if guidance_scale == 1.0 else 2)  # CFG doubles the UNet's batch

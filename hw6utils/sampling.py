@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_step, is_stable_diffusion, resolve_checkpoint
@@ -37,7 +37,13 @@ def make_sampler(schedule_config: dict, kind: str = "ddim", stable_diffusion: bo
     clips lambda = log(alpha / sigma) at -5.1 for the same reason (diffusers' advice for cosine schedules).
     stable_diffusion: DDIM as Stable Diffusion writes it (steps_offset 1, set_alpha_to_one false), so that
     `StableDiffusionPipeline` samples an exported model exactly as the project does.
+    A flow-matching model (its schedule a FlowMatchEulerDiscreteScheduler's) samples by Euler steps along its
+    velocity, what DDIM's deterministic step is for the other models: 'ddim' gives it that scheduler.
     """
+    if "shift" in schedule_config and "beta_schedule" not in schedule_config:  # sigmas, no betas
+        if kind != "ddim":
+            raise ValueError(f"sampler {kind!r} does not sample a flow-matching model; use 'ddim' (its Euler steps)")
+        return FlowMatchEulerDiscreteScheduler.from_config(schedule_config)
     if kind == "ddim":
         sd = {"steps_offset": 1, "set_alpha_to_one": False} if stable_diffusion else {}
         return DDIMScheduler.from_config(schedule_config, timestep_spacing="leading", clip_sample=False, **sd)

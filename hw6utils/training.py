@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 from tqdm.auto import tqdm
@@ -66,8 +66,11 @@ def precision_text(device: torch.device, mixed_precision: str) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def make_noise_scheduler(cfg: Config) -> DDPMScheduler:
-    """The forward process q(x_t | x_0) the UNet learns to invert; saved beside every checkpoint."""
+def make_noise_scheduler(cfg: Config):
+    """The forward process q(x_t | x_0) the UNet learns to invert; saved beside every checkpoint. Flow matching's
+    is a straight line to the noise, whose scheduler is also its sampler (Euler steps)."""
+    if cfg.train.prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train.num_train_timesteps)
     return DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps, beta_schedule=cfg.train.noise_schedule,
                          prediction_type=cfg.train.prediction_type, clip_sample=False)
 
@@ -102,11 +105,11 @@ def prepare_data(cfg: Config, device):
     views = [lambda c: c, mirror_caption] if cfg.data.flip else [lambda c: c]  # a flipped image: left <-> right
     unique = sorted({view(c) for view in views for options in data.captions.values() for c in options})
     index = {c: i for i, c in enumerate(unique)}
-    texts = [encode(unique[i:i + 512]) for i in range(0, len(unique), 512)]
+    text_table = cache_captions(unique, encode, text_model, cfg)
     # on a GPU the whole cache lives in GPU memory (the course set: ~1.4 GB of latents), so a batch is one gather
     keep_on = device if torch.device(device).type == "cuda" else "cpu"
     out.update(latent_mean=latent_mean.to(keep_on), latent_std=latent_std.to(keep_on),
-               text_table={k: torch.cat([t[k] for t in texts]).to(keep_on) for k in texts[0]},
+               text_table={k: v.to(keep_on) for k, v in text_table.items()},
                caption_ids=[[[index[view(c)] for c in data.captions[key]] for key in data.image_keys]
                             for view in views])  # [view][image] -> ids of its captions
     print(f"{len(data)} latents x{latent_mean.shape[0]} and {len(unique)} captions ready in {time.time() - start:.1f}s")
@@ -116,23 +119,17 @@ def prepare_data(cfg: Config, device):
 def cache_latents(data, vae, cfg: Config):
     """Posterior mean and std of every training image, (views, N, C, h, w); views = 2 with flips.
 
-    Stored in <output_dir>/cache/latents_<hash>.safetensors, keyed by the image files (names, sizes,
-    modification times), the VAE (name, config and weights), the resolution, the image prep and the flip
-    setting: reused while all of these are unchanged, rebuilt when anything changed.
+    Stored in <cache_dir>/latents_<hash>.safetensors, keyed by the image files (names, sizes, modification
+    times), the VAE (name, config and weights), the resolution, the image prep and the flip setting: reused while
+    all of these are unchanged, rebuilt when anything changed.
     """
-    from safetensors.torch import save_file
-
     all_paths, all_keys = list(data.image_paths), list(data.image_keys)
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in all_paths]
     vae_config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    weights = hashlib.sha256()  # the exact bytes of every weight (~0.3 s for the SD VAE): a fine-tuned VAE
-    for tensor in vae.state_dict().values():  # saved under the same name and config is noticed too
-        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    key = json.dumps([files, cfg.encoders.vae, cfg.encoders.vae_subfolder, vae_config, weights.hexdigest(),
-                      cfg.data.image_size, cfg.data.flip, cfg.data.image_prep], sort_keys=True, default=str)
-    path = Path(cfg.train.output_dir) / "cache" / f"latents_{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-    remove_orphan_tmp_files(path.parent)
-    saved = read_latent_cache(path)
+    key = [files, cfg.encoders.vae, cfg.encoders.vae_subfolder, vae_config, weights_digest(vae),
+           cfg.data.image_size, cfg.data.flip, cfg.data.image_prep]
+    path = cache_path(cfg, "latents", key)
+    saved = read_cache(path, {"mean", "std", "kept"}, "latent cache")
     if saved is None:
         images = load_images(data, cfg.data.image_size, cfg.data.image_prep)  # drops unreadable files, warning each
         readable = set(data.image_paths)
@@ -144,17 +141,57 @@ def cache_latents(data, vae, cfg: Config):
             means.append(torch.cat([m for m, _ in parts]).cpu())
             stds.append(torch.cat([s for _, s in parts]).cpu())
         saved = {"mean": torch.stack(means).contiguous(), "std": torch.stack(stds).contiguous(), "kept": torch.tensor(kept)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.{os.getpid()}.tmp")  # torchrun ranks may build the same cache at once
-        save_file(saved, str(tmp))
-        tmp.replace(path)
+        write_cache(path, saved)
     kept = saved["kept"].tolist()
     data.image_paths, data.image_keys = [all_paths[i] for i in kept], [all_keys[i] for i in kept]
     return saved["mean"], saved["std"]
 
 
-def read_latent_cache(path: Path) -> dict | None:
-    """The tensors of a latent cache file, or None if there is none. A damaged one (cut short by a full disk,
+def cache_captions(captions: list, encode, text_model, cfg: Config) -> dict:
+    """{"emb", "mask", "pooled"} of every caption, in order: `encode` in chunks of 512, or read back from
+    <cache_dir>/captions_<hash>.safetensors, keyed by the captions, the text encoder (name and weights) and the
+    settings that change its output (max_text_len, text_mask, add_token_embeddings)."""
+    e = cfg.encoders
+    key = [hashlib.sha256(json.dumps(captions).encode()).hexdigest(), e.text_encoder, weights_digest(text_model),
+           e.max_text_len, e.text_mask, e.add_token_embeddings]
+    path = cache_path(cfg, "captions", key)
+    saved = read_cache(path, {"emb", "mask", "pooled"}, "caption cache")
+    if saved is None or len(saved["emb"]) != len(captions):
+        chunks = [encode(captions[i:i + 512]) for i in range(0, len(captions), 512)]
+        saved = {k: torch.cat([chunk[k] for chunk in chunks]).cpu().contiguous() for k in chunks[0]}
+        write_cache(path, saved)
+    return saved
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the exact bytes of every weight (~0.3 s for the SD VAE): a fine-tuned model saved under the same
+    name and config gets another cache."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(cfg: Config, kind: str, key: list) -> Path:
+    """<cache_dir>/<kind>_<hash of key>.safetensors (cache_dir '' = <output_dir>/cache); clears killed runs' tmp files."""
+    folder = Path(cfg.train.cache_dir or Path(cfg.train.output_dir) / "cache")
+    remove_orphan_tmp_files(folder)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return folder / f"{kind}_{digest}.safetensors"
+
+
+def write_cache(path: Path, tensors: dict) -> None:
+    """Write to <file>.<pid>.tmp, then rename: a reader never sees half a file, and runs sharing the folder (torchrun
+    ranks, runs with one cache_dir) may write the same cache at once."""
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def read_cache(path: Path, names: set, what: str) -> dict | None:
+    """The tensors of a cache file, or None if there is none. A damaged one (cut short by a full disk,
     overwritten) is named in a warning and None is returned, so that it is rebuilt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -165,10 +202,10 @@ def read_latent_cache(path: Path) -> dict | None:
     except (SafetensorError, OSError) as err:
         reason = str(err)
     else:
-        if {"mean", "std", "kept"} <= set(saved):
+        if names <= set(saved):
             return saved
-        reason = f"it holds {sorted(saved)}, not mean, std and kept"
-    warnings.warn(f"{path}: unreadable latent cache ({reason}); rebuilding it", stacklevel=3)
+        reason = f"it holds {sorted(saved)}, not {', '.join(sorted(names))}"
+    warnings.warn(f"{path}: unreadable {what} ({reason}); rebuilding it", stacklevel=3)
     return None
 
 
@@ -367,7 +404,7 @@ class Run:
     lr_scheduler: object
     ema: EMAModel | None
     scaler: torch.amp.GradScaler
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler
     generator: torch.Generator  # every random draw of training (draw_batch), saved in each checkpoint
     null_text: dict             # the empty prompt's conditioning, for caption dropout
     scorer: object              # eval_metric's scorer (rank 0), or None
@@ -595,32 +632,36 @@ def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tu
     full, keep = shard_rows(batch, shard)
     drop = torch.rand(full, generator=generator)[keep] < cfg.train.cond_drop_prob
     noise = torch.randn((full, *latent_shape[1:]), generator=generator)[keep]
-    steps = cfg.train.num_train_timesteps
+    steps, flow = cfg.train.num_train_timesteps, cfg.train.prediction_type == "flow"  # flow: t/T = s in (0, 1)
     if cfg.train.timestep_sampling == "uniform":
-        timesteps = torch.randint(0, steps, (full,), generator=generator)[keep]
+        timesteps = torch.rand(full, generator=generator) * steps if flow else \
+            torch.randint(0, steps, (full,), generator=generator)
     else:  # SD3's logit-normal density of t/T (Esser et al. 2024)
         u = compute_density_for_timestep_sampling("logit_normal", full, logit_mean=cfg.train.timestep_mean,
                                                   logit_std=cfg.train.timestep_std, generator=generator)
-        timesteps = (u * steps).long().clamp(max=steps - 1)[keep]
-    return drop, noise, timesteps
+        timesteps = u * steps if flow else (u * steps).long().clamp(max=steps - 1)
+    return drop, noise, timesteps[keep]
 
 
 def diffusion_loss(unet, noise_scheduler, batch: dict, null_text: dict, cfg: Config) -> torch.Tensor:
-    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR.
+    """The training loss of one micro-batch (DDPM, Ho et al. 2020, Algorithm 1), with caption dropout and min-SNR
+    (or flow matching's, Lipman et al. 2023, as SD3 trains it).
     batch: draw_batch's latents x_0, text, drop, noise eps and timesteps t."""
     t = cfg.train
     latents, noise, timesteps, drop = batch["latents"], batch["noise"], batch["timesteps"], batch["drop"]
     # caption dropout: replace a fraction of captions by "" so the same UNet learns eps(x_t, t, empty)
     text = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), null_text[k].expand_as(v), v)
             for k, v in batch["text"].items()}
-    # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if t.prediction_type == "flow":  # flow matching: x_s = (1 - s) x_0 + s eps, a straight line; s = t/T
+        s = (timesteps / t.num_train_timesteps).view(-1, 1, 1, 1)
+        noisy_latents = (1 - s) * latents + s * noise
+        target = noise - latents  # its velocity dx_s/ds, the same all along the line
+    else:  # x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        # eps, or v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
+        target = noise if t.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
     if t.channels_last:
         noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
-    if t.prediction_type == "epsilon":
-        target = noise
-    else:  # v = sqrt(alpha_bar_t) * eps - sqrt(1 - alpha_bar_t) * x_0
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
     with autocast(latents.device, t.mixed_precision):
         noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -632,7 +673,7 @@ def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: 
 
     It stops the many easy, low-noise timesteps from dominating the loss; gamma = 0 gives plain MSE.
     """
-    if snr_gamma <= 0:
+    if snr_gamma <= 0 or prediction_type == "flow":
         return torch.ones(timesteps.shape, device=timesteps.device)
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)

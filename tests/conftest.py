@@ -31,7 +31,15 @@ def vae_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def encoded_cache_dir(tmp_path_factory):
+    """One cache_dir for every smoke run: the 600 captions and 200 latents are encoded once per session, not once
+    per training (MiniLM takes 5-15 s over them on one CPU thread)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def smoke_cfg(shapes_dir, vae_dir, tmp_path):
+def smoke_cfg(shapes_dir, vae_dir, encoded_cache_dir, tmp_path):
     """The smoke preset on the small shapes set and the random VAE, writing into a fresh folder."""
-    return get_preset("smoke", data_dir=str(shapes_dir), vae=str(vae_dir), output_dir=str(tmp_path / "outputs"))
+    return get_preset("smoke", data_dir=str(shapes_dir), vae=str(vae_dir), output_dir=str(tmp_path / "outputs"),
+                      cache_dir=str(encoded_cache_dir))

@@ -156,9 +156,11 @@ def test_data_check_finds_no_problem_in_a_good_set(shapes_dir):
 
 
 def test_a_truncated_or_garbage_latent_cache_is_rebuilt_with_a_warning(smoke_cfg):
+    from hw6utils.config import apply_overrides
     from hw6utils.data import load_course_data
     from hw6utils.encoders import load_vae
     from hw6utils.training import cache_latents
+    smoke_cfg = apply_overrides(smoke_cfg, cache_dir="")  # its own <output_dir>/cache, not the session's
     vae = load_vae(smoke_cfg.encoders.vae)
     first = cache_latents(load_course_data(smoke_cfg.data.data_dir), vae, smoke_cfg)[0]
     cache = Path(smoke_cfg.train.output_dir) / "cache"

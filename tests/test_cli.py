@@ -149,7 +149,7 @@ def test_resume_from_the_command_line_keeps_the_saved_config(smoke_cfg, tmp_path
     only the flags given now (here --max_steps) change it."""
     import torch
     common = ["--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
-              "--output_dir", smoke_cfg.train.output_dir, "--eval_freq", "0"]
+              "--output_dir", smoke_cfg.train.output_dir, "--cache_dir", smoke_cfg.train.cache_dir, "--eval_freq", "0"]
     assert main(["train", *common, "--max_steps", "2", "--lr", "3e-3", "--weight_decay", "0.2"]) == 0
     assert main(["train", "--output_dir", smoke_cfg.train.output_dir, "--ckpt_path", "last", "--max_steps", "4"]) == 0
     assert "changed by --output_dir, --max_steps" in capsys.readouterr().out
@@ -294,7 +294,7 @@ def test_demo_trains_scores_its_model_and_prints_the_references_stored_figures(s
 
     from hw6utils.config import REFERENCE_DIR
     common = ["--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
-              "--output_dir", smoke_cfg.train.output_dir, "--eval_freq", "0", "--num_inference_steps", "2"]
+              "--output_dir", smoke_cfg.train.output_dir, "--cache_dir", smoke_cfg.train.cache_dir, "--eval_freq", "0", "--num_inference_steps", "2"]
     assert main(["demo", *common]) == 0
     out = capsys.readouterr().out
     stored = json.loads((REFERENCE_DIR / "eval.json").read_text())

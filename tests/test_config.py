@@ -45,7 +45,7 @@ def test_command_line_values_take_the_field_type():
     ("lr", -1e-3, "lr must be a number >= 0"),
     ("ema_decay", 1.0, r"ema_decay must be a number in \[0, 1\)"),
     ("cond_drop_prob", "0.1", r"cond_drop_prob must be a number in \[0, 1\); got '0.1'"),
-    ("prediction_type", "v-prediction", "prediction_type must be one of 'epsilon', 'v_prediction'; got 'v-prediction'"),
+    ("prediction_type", "v-prediction", "prediction_type must be one of 'epsilon', 'v_prediction', 'flow'; got 'v-prediction'"),
     ("lr_schedule", "step", "lr_schedule must be one of 'cosine', 'constant', 'linear'"),
     ("sampler", "euler", "sampler must be one of 'ddim', 'dpmpp'"),
 ])

@@ -17,7 +17,7 @@ from hw6utils.checkpoints import list_checkpoints
 
 def start_training(cfg, *extra):
     args = [sys.executable, "-m", "hw6utils.cli", "train", "--preset", "smoke", "--data_dir", cfg.data.data_dir,
-            "--vae", cfg.encoders.vae, "--output_dir", cfg.train.output_dir, "--eval_freq", "0", "--log_freq", "1",
+            "--vae", cfg.encoders.vae, "--output_dir", cfg.train.output_dir, "--cache_dir", cfg.train.cache_dir, "--eval_freq", "0", "--log_freq", "1",
             "--num_threads", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -155,6 +155,49 @@ def test_v_prediction_trains_and_is_saved_in_the_schedule(smoke_cfg):
     assert saved["prediction_type"] == "v_prediction"
 
 
+def test_flow_matching_learns_the_velocity_of_a_straight_line_and_samples_with_euler_steps(smoke_cfg, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from hw6utils.checkpoints import export_pipeline
+    from hw6utils.sampling import load_model
+    from hw6utils.training import diffusion_loss, make_noise_scheduler, noise_draws
+    cfg = apply_overrides(smoke_cfg, prediction_type="flow", timestep_sampling="logit_normal", timestep_mean=1.0,
+                          mixed_precision="no", cond_drop_prob=0.0)
+    latents = torch.randn(5, 4, 4, 4)
+    drop, noise, timesteps = noise_draws(cfg, latents.shape, torch.Generator().manual_seed(0))
+    assert timesteps.dtype == torch.float32 and 0 < timesteps.min() and timesteps.max() < 1000
+    seen = []
+
+    def oracle(noisy, t, **text):  # the true velocity eps - x_0 of every x_s on the line
+        seen.append((noisy, t))
+        return SimpleNamespace(sample=noise - latents)
+    oracle.config = SimpleNamespace(class_embed_type=None)
+    text = {"emb": torch.zeros(5, 3, 8), "mask": torch.ones(5, 3)}
+    batch = {"latents": latents, "text": text, "drop": drop, "noise": noise, "timesteps": timesteps}
+    null_text = {"emb": torch.zeros(1, 3, 8), "mask": torch.ones(1, 3)}
+    loss = diffusion_loss(oracle, make_noise_scheduler(cfg), batch, null_text, cfg)
+    s = (timesteps / 1000).view(-1, 1, 1, 1)
+    assert loss.item() == 0 and torch.equal(seen[0][1], timesteps)
+    assert torch.allclose(seen[0][0], (1 - s) * latents + s * noise)  # x_s on the line from x_0 to eps
+
+    history = train(apply_overrides(cfg, max_steps=2, eval_freq=0), progress=False)
+    assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+    model = load_model("last", cfg.train.output_dir)
+    assert isinstance(model.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    image = model.pipe("A red circle.", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                       output_type="np").images[0]
+    assert image.shape == (cfg.data.image_size, cfg.data.image_size, 3)
+    with pytest.raises(ValueError, match="sampler 'dpmpp' does not sample a flow-matching model"):
+        load_model("last", cfg.train.output_dir, sampler="dpmpp")
+    exported = load_model(str(export_pipeline(model, tmp_path / "export")))  # a pipeline folder keeps its sampler
+    assert isinstance(exported.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    again = exported.pipe("A red circle.", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                          output_type="np").images[0]
+    assert abs(again - image).max() < 1e-5
+
+
 def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp_path):
     import shutil
     import warnings
@@ -164,7 +207,7 @@ def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp
     from hw6utils.training import cache_latents
     data_dir = tmp_path / "data"
     shutil.copytree(smoke_cfg.data.data_dir, data_dir)
-    cfg = apply_overrides(smoke_cfg, data_dir=str(data_dir))
+    cfg = apply_overrides(smoke_cfg, data_dir=str(data_dir), cache_dir="")  # '' = <output_dir>/cache
     vae = load_vae(cfg.encoders.vae)
     first = cache_latents(load_course_data(data_dir), vae, cfg)[0]
     files = list((Path(cfg.train.output_dir) / "cache").iterdir())
@@ -186,6 +229,28 @@ def test_latent_cache_is_reused_and_rebuilt_when_the_data_changes(smoke_cfg, tmp
         next(vae.parameters()).mul_(1.01)
     assert not torch.equal(cache_latents(load_course_data(data_dir), vae, cfg)[0], mean)
     assert len(list((Path(cfg.train.output_dir) / "cache").iterdir())) == 3
+
+
+def test_runs_sharing_a_cache_dir_encode_the_captions_once(smoke_cfg, tmp_path, monkeypatch):
+    import hw6utils.training as training
+    encoded = []
+    real_encode_text = training.encode_text
+    monkeypatch.setattr(training, "encode_text", lambda tok, model, prompts, *args: encoded.append(len(prompts))
+                        or real_encode_text(tok, model, prompts, *args))
+    cfg = apply_overrides(smoke_cfg, cache_dir=str(tmp_path / "shared"), output_dir=str(tmp_path / "a"))
+    first = training.prepare_data(cfg, "cpu")
+    assert sum(encoded) == 1 + 600  # the empty prompt and every unique caption
+    kinds = sorted(path.name.split("_")[0] for path in (tmp_path / "shared").iterdir())
+    assert kinds == ["captions", "latents"] and not (tmp_path / "a").exists()
+    encoded.clear()
+    again = training.prepare_data(apply_overrides(cfg, output_dir=str(tmp_path / "b")), "cpu")  # another run
+    assert encoded == [1]  # only the empty prompt: the captions were read back
+    for name in ("emb", "mask", "pooled"):
+        assert torch.equal(again["text_table"][name], first["text_table"][name])
+    assert torch.equal(again["latent_mean"], first["latent_mean"])
+    other = training.prepare_data(apply_overrides(cfg, add_token_embeddings=True), "cpu")  # other text states
+    assert sum(encoded) == 1 + 1 + 600 and len(list((tmp_path / "shared").iterdir())) == 3
+    assert not torch.equal(other["text_table"]["emb"], first["text_table"]["emb"])
 
 
 def test_precision_bf16_or_fp16_where_a_gpu_has_no_bf16(monkeypatch):
