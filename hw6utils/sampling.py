@@ -105,12 +105,17 @@ def load_model(stage: str = "reference", output_dir: str = "outputs", device="cp
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{schedule_path}: cannot read the noise schedule ({err})") from None
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(device).eval()
-    dtype = amp_dtype(device, cfg.train.mixed_precision) if device.type == "cuda" else None
-    if dtype is not None:
-        unet.to(dtype)  # bf16 (fp16 on GPUs without it) as in training
+    inference_dtype(unet, device, cfg.train.mixed_precision)
     tokenizer, text_model = load_text_encoder(text_name, device)
     vae = load_vae(vae_name, vae_subfolder, device)
     return LoadedModel(build_pipeline(cfg, unet, vae, tokenizer, text_model, schedule, sampler), cfg, path)
+
+
+def inference_dtype(unet, device: torch.device, mixed_precision: str):
+    """The UNet as `hw6 generate` runs it: on CUDA in the training's precision (bf16, or fp16 on GPUs without bf16),
+    its weights cast in place; on the CPU in float32."""
+    dtype = amp_dtype(device, mixed_precision) if device.type == "cuda" else None
+    return unet.to(dtype) if dtype is not None else unet
 
 
 def generators(seeds: list) -> list:
