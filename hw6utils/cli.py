@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--images", default="results", help="where, inside a submission, the rerun writes its PNGs "
                        "(notebooks get it as RESULTS_DIR); the images shipped there stay out of the rerun [results]")
     grade.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip those submissions")
+    grade.add_argument("--jobs", type=int, default=1, help="submissions graded at once, each in its own sandbox (the "
+                       "limits hold for each) [1]")
     grade.add_argument("--no-sandbox", dest="no_sandbox", action="store_true",
                        help="rerun without the bubblewrap sandbox: only the time limit holds (it says what else a submission can do)")
     grade.add_argument("--gpu", action="store_true", help="bind the NVIDIA devices (/dev/nvidia*) into the sandbox")
@@ -251,9 +253,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError, FloatingPointError, RuntimeError, ImportError) as err:
         print(f"hw6 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training's second Ctrl-C (the first one saves and stops cleanly)
-        print(f"hw6 {args.command}: stopped at once by Ctrl-C; complete checkpoints are untouched "
-              "(resume with --ckpt_path last)", file=sys.stderr)
+    except KeyboardInterrupt:  # training's second Ctrl-C (the first one saves and stops cleanly); grade's first
+        said = ("stopped by Ctrl-C; the rows graded are in the CSV (grade the rest with --resume)"
+                if args.command == "grade" else
+                "stopped at once by Ctrl-C; complete checkpoints are untouched (resume with --ckpt_path last)")
+        print(f"hw6 {args.command}: {said}", file=sys.stderr)
         return 130
     finally:  # main() is also called in-process (tests, notebooks): leave the process as it was
         warnings.formatwarning, warnings.showwarning = format_before, show_before
@@ -302,7 +306,8 @@ def run(args) -> int:
         limits = Limits(args.time_limit, args.memory_limit, args.process_limit, args.file_size_limit, args.tmp_size)
         grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
               args.reference, notebook_parameters(args), args.timeout, args.images, sandbox=not args.no_sandbox,
-              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read, autograder=args.autograder)
+              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read, autograder=args.autograder,
+              jobs=args.jobs)
         return 0
     if args.command == "package":
         from .scoring import package_submission

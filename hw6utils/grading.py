@@ -20,7 +20,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .config import REPO_ROOT
@@ -42,6 +44,7 @@ CONTAINED = [("MemoryError", "memory limit"), ("Cannot allocate memory", "memory
              ("Connection refused", "no network"), ("Network is unreachable", "no network"),
              ("Temporary failure in name resolution", "no network"), ("Name or service not known", "no network")]
 FILE_ERRORS = {"OSError", "FileNotFoundError", "PermissionError", "NotADirectoryError", "IsADirectoryError"}
+SCORING = threading.Lock()  # reruns run side by side (grade's jobs); the in-process scoring, one at a time
 
 
 def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, reference_dir=None,
@@ -71,8 +74,9 @@ def grade_one(submission: Path, test_json, stats_dir, extractor, clip_model, ref
         copy_regular_files(work / "executed", runs / "executed")
         if row["status"] == "ok":
             try:
-                row.update(score_rerun(work, runs, images_subdir, test_json, stats_dir, reference_dir, extractor,
-                                       clip_model))
+                with SCORING:
+                    row.update(score_rerun(work, runs, images_subdir, test_json, stats_dir, reference_dir, extractor,
+                                           clip_model))
             except Exception as err:
                 row.update(status="scoring failed", error=error_line(err))
     row["run_time_s"] = round(time.time() - start, 1)
@@ -329,14 +333,17 @@ def append_row(out_csv: Path, row: dict, columns: list) -> None:
 def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model, reference_dir=None,
           parameters: dict | None = None, timeout: float | None = 600, images_subdir: str = "results",
           sandbox: bool = True, gpu: bool = False, limits: Limits | None = None, resume: bool = False,
-          readable=(), autograder=None) -> list:
+          readable=(), autograder=None, jobs: int = 1) -> list:
     """Grade every folder in submissions_dir, each in a sandbox (sandbox=False: none); append each row to the CSV as
     it is graded (resume=True: keep its rows and skip those submissions); write a leaderboard (Markdown and HTML)
     beside it. gpu: bind the NVIDIA devices in; readable: more folders the notebooks may read; autograder: grade the
-    exercises with these otter autograders (`hw6 assign`'s dist/autograder) too, a column each."""
+    exercises with these otter autograders (`hw6 assign`'s dist/autograder) too, a column each; jobs: submissions
+    graded at once, each in its own sandbox (the CSV then lists them as they finish; the rows returned, by name)."""
     submissions = sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir())
     if not submissions:
         raise ValueError(f"{submissions_dir}: no submission folders")
+    if jobs < 1:
+        raise ValueError(f"jobs: at least 1 submission at a time, got {jobs}")
     possible = exercise_columns(autograder) if autograder is not None else {}
     columns = COLUMNS + list(possible)
     out_csv = Path(out_csv).resolve()
@@ -357,16 +364,33 @@ def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model,
     box = course_sandbox(test_json, stats_dir, reference_dir, submissions_dir, grade_files, limits, gpu, sandbox,
                          [*readable, *([autograder] if autograder is not None else [])])
     graded = {row["submission"] for row in rows}
-    for submission in submissions:
-        if submission.name in graded:
-            print(f"{submission.name}: already graded (--resume)")
-            continue
-        row = grade_one(submission, test_json, stats_dir, extractor, clip_model, reference_dir, parameters, timeout,
-                        images_subdir, box, runs_dir, autograder)
+    for name in sorted(graded & {p.name for p in submissions}):
+        print(f"{name}: already graded (--resume)")
+    def record(future):  # the CSV is written by this thread alone
+        row = future.result()
         append_row(out_csv, row, columns)
         rows.append(row)
-        print(f"{submission.name}: {row['status']}" + (f", FID {row['fid']:.2f}" if "fid" in row else "")
+        print(f"{row['submission']}: {row['status']}" + (f", FID {row['fid']:.2f}" if "fid" in row else "")
               + (f", exercises {row['ex_total']:g}/{possible['ex_total']:g}" if "ex_total" in row else ""))
+
+    todo = [p for p in submissions if p.name not in graded]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads: each grade_one waits on its sandbox's processes
+        pending = {pool.submit(grade_one, submission, test_json, stats_dir, extractor, clip_model, reference_dir,
+                               parameters, timeout, images_subdir, box, runs_dir, autograder) for submission in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending.discard(future)
+                    record(future)
+        except KeyboardInterrupt:  # the submissions being graded finish and keep their rows; the rest wait for --resume
+            print(f"Ctrl-C: finishing the {sum(f.running() for f in pending)} submissions being graded", file=sys.stderr)
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future in pending:
+                if not future.cancelled():
+                    record(future)
+            raise
+    rows.sort(key=lambda row: row["submission"])
     write_leaderboard(rows, stem, possible)
     return rows
 

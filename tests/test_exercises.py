@@ -295,7 +295,7 @@ def test_hw6_grade_scores_each_exercise_of_three_submissions_in_the_sandbox(dist
     test_json.write_text(json.dumps({"0": {"text_prompt": "A red circle.", "image_name": "0_main.png"}}))
     # the reruns stop at their first cell (no such preset): the exercises are graded whatever the rerun does
     rows = grade(subs, tmp_path / "grades.csv", test_json, tmp_path / "course" / "stats", None, None,
-                 parameters={"PRESET": "no_such_preset"}, timeout=120, autograder=autograder)
+                 parameters={"PRESET": "no_such_preset"}, timeout=120, autograder=autograder, jobs=3)
     assert [row["status"] for row in rows] == ["notebook failed"] * 3
     full = {f"ex_{name}": 3.0 for names in EXERCISES.values() for name in sorted(names)}  # by notebook, then name
     expected = {"right": {**full, "ex_total": 18.0},

@@ -121,7 +121,8 @@ def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
     save_stats(tmp_path / "stats", *compute_stats(refs, extractor))
     shipped_before = {path: path.read_bytes() for path in subs.rglob("*") if path.is_file()}
     rows = grade(subs, tmp_path / "grades.csv", test_json, tmp_path / "stats", extractor, str(tiny_clip_dir),
-                 timeout=10)
+                 timeout=10, jobs=3)  # three sandboxes at once: each row as if graded alone
+    assert [row["submission"] for row in rows] == sorted(p.name for p in subs.iterdir())
     by_name = {row["submission"]: row for row in rows}
     assert by_name["alice"]["status"] == "ok" and by_name["alice"]["fid"] > 0
     assert by_name["bob"]["status"] == "notebook failed" and "01_generate.ipynb" in by_name["bob"]["failed_notebook"]
@@ -138,11 +139,19 @@ def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
     assert {path: path.read_bytes() for path in subs.rglob("*") if path.is_file()} == shipped_before
     assert (tmp_path / "grades_runs" / "alice" / "executed" / "01_generate.ipynb").is_file()
     assert sorted(p.name for p in (tmp_path / "grades_runs" / "alice" / "results").iterdir()) == sorted(names)
-    with open(tmp_path / "grades.csv") as f:
-        assert [r["submission"] for r in csv.DictReader(f)] == sorted(by_name)
+    with open(tmp_path / "grades.csv") as f:  # in the order they finished
+        assert sorted(r["submission"] for r in csv.DictReader(f)) == sorted(by_name)
     board = (tmp_path / "grades_leaderboard.md").read_text().splitlines()
     assert board[2].startswith("| 1 | alice |") and len(board) == 10
     assert "<td>alice</td>" in (tmp_path / "grades_leaderboard.html").read_text()
+
+
+def test_jobs_below_one_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "submissions" / "alice").mkdir(parents=True)
+    with pytest.raises(ValueError, match="jobs: at least 1"):
+        grade(tmp_path / "submissions", tmp_path / "grades.csv", tmp_path / "test.json", tmp_path, None, None,
+              sandbox=False, jobs=0)
+    assert not (tmp_path / "grades.csv").exists()
 
 
 def test_equal_fids_share_a_rank(tmp_path):
@@ -282,6 +291,41 @@ def test_rows_are_written_as_graded_and_resume_skips_them(tmp_path, extractor_fi
     assert second[1]["status"] == "contained: time limit" and second[1]["failed_notebook"] == "01_generate.ipynb"
     assert not processes_with(marker)
     assert "| 1 | alice |" in (tmp_path / "grades_leaderboard.md").read_text()
+
+
+@pytest.mark.slow
+@needs_sandbox
+def test_ctrl_c_with_jobs_lets_the_running_submissions_finish_and_resume_grades_the_rest(tmp_path, extractor_file,
+                                                                                        tiny_clip_dir):
+    names = ["0_main.png", "1_hit.png"]
+    test_json, stats = scorer_inputs(tmp_path / "course", names)
+    subs = tmp_path / "submissions"
+    markers = {}
+    for name in ["amy", "ben"]:  # each still running when Ctrl-C comes, then done a few seconds later
+        markers[name] = f"sleep {random.randint(10**6, 10**7)}"
+        notebook_submission(subs / name, f"import subprocess, time\nsubprocess.Popen({markers[name].split()!r})\n"
+                            "time.sleep(8)", names)
+    fake_submission(subs / "cat", names)  # waits for a free job: Ctrl-C comes first
+    out = tmp_path / "grades.csv"
+    command = hw6("grade", subs, "--out", out, "--test-json", test_json, "--stats", stats, "--inception", extractor_file,
+                  "--clip", tiny_clip_dir, "--jobs", 2)
+    grader = subprocess.Popen(command, env=with_checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not all(processes_with(m) for m in markers.values()) and time.time() < deadline and grader.poll() is None:
+        time.sleep(0.2)
+    assert grader.poll() is None and all(processes_with(m) for m in markers.values()), "the two did not run at once"
+    grader.send_signal(signal.SIGINT)
+    stdout, stderr = grader.communicate(timeout=120)
+    assert grader.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Ctrl-C: finishing the 2 submissions being graded" in stderr
+    assert "the rows graded are in the CSV (grade the rest with --resume)" in stderr
+    rows = {row["submission"]: row for row in read_rows(out)}
+    assert sorted(rows) == ["amy", "ben"] and all(row["status"] == "ok" for row in rows.values()), rows
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=with_checkout_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "amy: already graded" in result.stdout and "ben: already graded" in result.stdout
+    assert sorted(row["submission"] for row in read_rows(out)) == ["amy", "ben", "cat"]
+    assert read_rows(out)[2]["status"] == "ok"
 
 
 UPSCALING_GENERATE = """
