@@ -366,6 +366,7 @@ def grade(submissions_dir, out_csv, test_json, stats_dir, extractor, clip_model,
     graded = {row["submission"] for row in rows}
     for name in sorted(graded & {p.name for p in submissions}):
         print(f"{name}: already graded (--resume)")
+
     def record(future):  # the CSV is written by this thread alone
         row = future.result()
         append_row(out_csv, row, columns)
