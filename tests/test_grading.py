@@ -309,7 +309,9 @@ def test_ctrl_c_with_jobs_lets_the_running_submissions_finish_and_resume_grades_
     out = tmp_path / "grades.csv"
     command = hw6("grade", subs, "--out", out, "--test-json", test_json, "--stats", stats, "--inception", extractor_file,
                   "--clip", tiny_clip_dir, "--jobs", 2)
-    grader = subprocess.Popen(command, env=with_checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action, even where this suite runs in a background job (which starts with SIGINT ignored)
+    grader = subprocess.Popen(command, env=with_checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while not all(processes_with(m) for m in markers.values()) and time.time() < deadline and grader.poll() is None:
         time.sleep(0.2)
