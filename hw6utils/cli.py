@@ -377,7 +377,7 @@ def notebook_parameters(args) -> dict:
 def evaluate_stage(cfg, stage: str) -> str:
     """Score one checkpoint on the shapes set's fixed prompts; save the scores and a grid beside the outputs."""
     from .data import ensure_writable_dir, shape_test_entries
-    from .evaluation import evaluate_shapes, format_scores, image_grid
+    from .evaluation import evaluate_shapes, format_scores, save_evaluation
     from .sampling import load_model, stage_label
     from .training import pick_device
 
@@ -389,11 +389,8 @@ def evaluate_stage(cfg, stage: str) -> str:
     scores, images = evaluate_shapes(model, entries, guidance_scale=cfg.sample.guidance_scale,
                                      num_inference_steps=cfg.sample.num_inference_steps, seed=cfg.sample.sample_seed,
                                      batch_size=cfg.sample.gen_batch_size)
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = stage_label(model, stage)
-    image_grid(images, cols=12).save(out / f"eval_{name}.png")
-    (out / f"eval_{name}.json").write_text(json.dumps(scores, indent=1))
+    save_evaluation(cfg.train.output_dir, name, scores, images)
     return format_scores(f"{name} (guidance {cfg.sample.guidance_scale}, {time.time() - start:.0f}s)", scores)
 
 

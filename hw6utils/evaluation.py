@@ -239,6 +239,17 @@ def evaluate_shapes(model, entries: list, *, guidance_scale: float | None = None
     return score_shape_images(images, entries), images
 
 
+def save_evaluation(out_dir, name: str, scores: dict, images: list) -> Path:
+    """Write eval_<name>.json (the scores, per prompt too) and eval_<name>.png (the images' grid) into out_dir, as
+    `hw6 evaluate` and notebook 07 both do; returns the JSON's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=12).save(out / f"eval_{name}.png")
+    path = out / f"eval_{name}.json"
+    path.write_text(json.dumps(scores, indent=1))
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- during training
 def training_scorer(cfg):
     """For cfg.train.eval_metric: a function model -> {"score": higher is better, other figures to log}, or None.

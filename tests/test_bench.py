@@ -26,7 +26,8 @@ def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys)
     assert set(speeds) == {"cached", "uncached"} and all(v > 0 for v in speeds.values())
     # what max_steps of training would take here, from the same timing
     minutes = float(re.search(r"3,000 steps of 8 \(max_steps\): ~([\d.]+) min", out).group(1))
-    assert minutes == pytest.approx(3000 * 8 / speeds["cached"] / 60, rel=0.02, abs=0.06)
+    # images/s is printed to 0.1: on a busy machine (1-2 images/s) that rounding alone moves the estimate by 2-5%
+    assert minutes == pytest.approx(3000 * 8 / speeds["cached"] / 60, rel=0.02 + 0.05 / speeds["cached"], abs=0.06)
     ratio = float(re.search(r"cache speed-up: ([\d.]+)x", out).group(1))
     assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], rel=0.03)  # speeds are printed to 0.1
     # the split of a cached step: the encoders take no time at all when the cache is on
