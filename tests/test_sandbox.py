@@ -90,7 +90,7 @@ def test_hostile_submissions_are_contained(tmp_path, monkeypatch, tiny_clip_dir)
     before = (subs / "good" / "notebooks" / "01_generate.ipynb").read_bytes()
     start = time.time()
     rows = grade(subs, out, test_json, stats, tiny_extractor(), str(tiny_clip_dir), reference_dir=truth, timeout=60,
-                 limits=LIMITS)
+                 limits=LIMITS, jobs=3)  # three sandboxes at once: each holds its own limits
     print(f"graded {len(rows)} submissions in the sandbox in {time.time() - start:.0f}s")
     by_name = {row["submission"]: row for row in rows}
     expected = {"reads_truth": "contained: no access to ground truth", "links_truth": "contained: symlink in results",
