@@ -9,13 +9,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test vae reference notebooks student clean
 
+# After the install, rfc3987-syntax goes: jsonschema imports it, when present, for the 'iri' formats that no schema
+# here uses, and it builds ~35 Earley parsers as it loads: ~2.6 s at every start of papermill, otter, nbval,
+# JupyterLab and each kernel (an `otter run` here: 17 s with it, 7 s without; jsonschema#1428). Only jsonschema's
+# extra asks for it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
-	# jsonschema imports rfc3987-syntax, when present, for the 'iri' formats that no schema here uses, and it builds
-	# ~35 Earley parsers as it loads: ~2.6 s at every start of papermill, otter, nbval, JupyterLab and each kernel
-	# (an `otter run` here: 17 s with it, 7 s without; jsonschema#1428). Nothing needs it but jsonschema's extra.
 	$(PY) -m pip uninstall -q -y rfc3987-syntax
 	touch $@
 
