@@ -1,6 +1,7 @@
 """Tiny fixtures built from configs (as diffusers' own tests do): no downloads, seconds on a CPU."""
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,11 @@ def smoke_cfg(shapes_dir, vae_dir, encoded_cache_dir, tmp_path):
     """The smoke preset on the small shapes set and the random VAE, writing into a fresh folder."""
     return get_preset("smoke", data_dir=str(shapes_dir), vae=str(vae_dir), output_dir=str(tmp_path / "outputs"),
                       cache_dir=str(encoded_cache_dir))
+
+
+@pytest.fixture
+def kernels_import_this_checkout(monkeypatch):
+    """Put this checkout first on PYTHONPATH, so that notebook kernels and subprocesses import its hw6utils, also
+    where it is not pip-installed."""
+    checkout = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")]))

@@ -3,8 +3,9 @@
 The server runs from this environment on a free loopback port with a random token, in a temporary folder laid out
 like the repository (notebooks/ with copies of 05 and 06, data/shapes, outputs/), so neither the notebooks' own
 writes (05 generates into ../outputs) nor JupyterLab's autosave touch the repository. The notebooks run with their
-default parameters (the shipped reference model), but for 05's DDIM steps, 10 instead of 50 (nbval runs it with all its
-defaults; here it is what the page shows that is tested): each test takes about a minute on two CPU cores. Screenshots go to outputs/browser_explorer.png and outputs/browser_sampling.png for a person to look at.
+default parameters (the shipped reference model), but for 05's DDIM steps, 10 instead of 50 (nbval runs it with all
+its defaults; here it is what the page shows that is tested): each test takes about a minute on two CPU cores.
+Screenshots go to outputs/browser_explorer.png and outputs/browser_sampling.png for a person to look at.
 
 Run just these: `.venv/bin/python -m pytest -m browser -s` (-s shows the prompt, image count and time to images).
 Needs `apt-get install chromium` (Playwright's own browser download is never used); skips, saying so, without it.

@@ -52,9 +52,8 @@ def test_an_unknown_parameter_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_all_notebooks_run_headless_on_the_smoke_preset(shapes_dir, vae_dir, tmp_path, monkeypatch):
-    # the kernels must import this checkout's hw6utils, also where it is not pip-installed
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK_DIR.parent), os.environ.get("PYTHONPATH", "")]))
+def test_all_notebooks_run_headless_on_the_smoke_preset(shapes_dir, vae_dir, tmp_path, monkeypatch,
+                                                        kernels_import_this_checkout):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the smoke preset's tensors are tiny: a second thread only waits
     parameters = {"PRESET": "smoke", "VAE": str(vae_dir), "DATA_DIR": str(shapes_dir),
                   "OUTPUT_DIR": str(tmp_path / "outputs"), "STAGE": "last", "MAX_STEPS": 4}  # 05-07 load what 04 trained

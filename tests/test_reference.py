@@ -1,6 +1,5 @@
 """The shipped reference model (data/reference): complete, small, and good on the fixed prompt set."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ def test_the_reference_preset_is_the_recipe_the_shipped_model_was_trained_with()
 
 
 @pytest.mark.slow
-def test_reference_follows_the_whole_prompt_on_the_fixed_prompts(tmp_path, monkeypatch):
+def test_reference_follows_the_whole_prompt_on_the_fixed_prompts(tmp_path, kernels_import_this_checkout):
     """At the model's own defaults (DDIM 50, guidance 2) on the 168 fixed prompts: at least 97% colour+shape and at
     least 90% all four (colour, shape, size and place), on the held-out colour-shape pairs and unseen phrasings too.
     Measured: colour+shape 98.8% (held-out 100%, unseen phrasings 98.3%), all four 100% (held-out, training-style
@@ -41,7 +40,6 @@ def test_reference_follows_the_whole_prompt_on_the_fixed_prompts(tmp_path, monke
     The scores are those of notebook 07 run with its defaults (the reference model), as a person runs it (nbval
     leaves 07 to this test: one generation of the 168 images, not two)."""
     assert load_model("reference").cfg.sample.guidance_scale == 2.0
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK_DIR.parent), os.environ.get("PYTHONPATH", "")]))
     run_notebooks(["07_evaluation"], {"OUTPUT_DIR": str(tmp_path)}, out_dir=tmp_path / "executed", cwd=NOTEBOOK_DIR,
                   timeout=900)
     scores = json.loads((tmp_path / "eval_reference.json").read_text())
