@@ -58,3 +58,25 @@ def test_bench_flags_time_each_flag_and_the_other_precision(bench, shapes_dir, v
     rows = dict(re.findall(r"flags (.+?)\s+([\d.]+) images/s", capsys.readouterr().out))
     assert {"all off", "+channels_last", "config", "config, no"} <= set(rows), rows
     assert all(float(v) > 0 for v in rows.values())
+
+
+def test_unets_bench_times_each_distinct_unet_of_a_sweep_file(tmp_path, capsys):
+    """bench/unets.py: one row per distinct UNet of a sweep file (runs that differ only in steps or seed share one),
+    the tiny preset's first at 1.00x, each with the parameters and FLOPs of the UNet the flags build."""
+    spec = importlib.util.spec_from_file_location("unets", BENCH.parent / "unets.py")
+    unets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unets)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# a comment\nbase_s0 --max_steps 3000 --seed 0\nbase_s1 --max_steps 2000 --seed 1\n"
+                     "narrow --seed 0 --block_out_channels 16,32,64 --norm_num_groups 8\n"
+                     "small --image_size 32 --sample_size 8 --seed 2\n")
+    assert unets.unet_flags("narrow --seed 0 --block_out_channels 16,32,64") == {"block_out_channels": (16, 32, 64)}
+    unets.main([str(sweep), "--rounds", "1", "--steps", "1", "--threads", "1"])
+    rows = re.findall(r"([\d.]+) steps/s\s+([\d.]+)x\s+([\d.]+) M params\s+([\d.]+) GFLOP fwd\s+(.*)", capsys.readouterr().out)
+    assert [r[4] for r in rows] == ["tiny", "--block_out_channels 16,32,64 --norm_num_groups 8", "--image_size 32 --sample_size 8"]
+    assert rows[0][1] == "1.00"
+    params = {r[4]: float(r[2]) for r in rows}
+    flops = {r[4]: float(r[3]) for r in rows}
+    assert params["--image_size 32 --sample_size 8"] == params["tiny"]  # the same UNet on a quarter of the pixels
+    assert flops["--image_size 32 --sample_size 8"] < flops["tiny"] / 2
+    assert params["--block_out_channels 16,32,64 --norm_num_groups 8"] < params["tiny"] / 2
