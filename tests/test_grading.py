@@ -81,8 +81,7 @@ def with_checkout_env() -> dict:
 
 @pytest.mark.slow
 @needs_sandbox
-def test_grade_three_submissions(tmp_path, monkeypatch, tiny_clip_dir):
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+def test_grade_three_submissions(tmp_path, tiny_clip_dir, kernels_import_this_checkout):
     names = ["0_main.png", "1_hit.png", "2_die.png"]
     test_json = tmp_path / "test.json"
     test_json.write_text(json.dumps({str(i): {"text_prompt": f"monster {i}", "image_name": n} for i, n in enumerate(names)}))

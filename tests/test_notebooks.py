@@ -1,5 +1,4 @@
 import ast
-import os
 import time
 from pathlib import Path
 
@@ -65,15 +64,14 @@ def test_all_notebooks_run_headless_on_the_smoke_preset(shapes_dir, vae_dir, tmp
 
 
 @pytest.mark.slow
-def test_nbval_runs_the_notebooks_with_their_defaults():
+def test_nbval_runs_the_notebooks_with_their_defaults(kernels_import_this_checkout):
     """nbval (lax): every cell runs in a fresh kernel with the default parameters (tiny, the shipped reference
     model), the asserts in the cells included. 04 trains for minutes with its defaults: the papermill smoke run above
     covers it. 07 is run with its defaults by tests/test_reference.py, which checks the scores it saves."""
     import subprocess
     import sys
     names = [str(path) for path in NOTEBOOKS if not path.name.startswith(("04", "07"))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(NOTEBOOK_DIR.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                             "--nbval-cell-timeout", "600", *names], cwd=NOTEBOOK_DIR.parent, env=env,
+                             "--nbval-cell-timeout", "600", *names], cwd=NOTEBOOK_DIR.parent,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
