@@ -1,7 +1,6 @@
 """Tiny fixtures built from configs (as diffusers' own tests do): no downloads, seconds on a CPU."""
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*accelerate.*")
 
+from checkout import pythonpath_with_checkout  # noqa: E402
 from hw6utils.config import get_preset  # noqa: E402
 from hw6utils.data import build_shapes_dataset  # noqa: E402
 from hw6utils.models import build_vae  # noqa: E402
@@ -50,5 +50,4 @@ def smoke_cfg(shapes_dir, vae_dir, encoded_cache_dir, tmp_path):
 def kernels_import_this_checkout(monkeypatch):
     """Put this checkout first on PYTHONPATH, so that notebook kernels and subprocesses import its hw6utils, also
     where it is not pip-installed."""
-    checkout = str(Path(__file__).resolve().parent.parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", pythonpath_with_checkout())

@@ -2,7 +2,6 @@
 and grading with otter. The slow tests share one `otter assign` run (the `dist` fixture)."""
 import csv
 import json
-import os
 import re
 import shutil
 import zipfile
@@ -12,6 +11,7 @@ import nbformat
 import pytest
 import torch
 
+from checkout import pythonpath_with_checkout
 from hw6utils import cli, exercises
 from hw6utils.grading import COLUMNS, grade
 from hw6utils.notebooks import run_notebooks
@@ -249,7 +249,7 @@ def executed_student_edition(dist, shapes_dir, vae_dir, tmp_path_factory):
     parameters = {"PRESET": "smoke", "VAE": str(vae_dir), "DATA_DIR": str(shapes_dir),
                   "OUTPUT_DIR": str(out / "outputs"), "STAGE": "last", "MAX_STEPS": 4}
     with pytest.MonkeyPatch.context() as patch:  # the kernels import this checkout's hw6utils
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(NOTEBOOK_DIR.parent), os.environ.get("PYTHONPATH", "")]))
+        patch.setenv("PYTHONPATH", pythonpath_with_checkout())
         patch.setenv("OMP_NUM_THREADS", "1")  # the smoke preset's tensors are tiny: 2-4x faster on 2 shared cores
         return run_notebooks(list(EXERCISES), parameters, out / "executed", dist / "student" / "notebooks",
                              timeout=600)

@@ -15,6 +15,7 @@ import nbformat
 import pytest
 from PIL import Image
 
+from checkout import pythonpath_with_checkout
 from course_fixture import write_course_fixture
 from hw6utils.grading import grade
 from hw6utils.sandbox import unavailable_reason
@@ -76,7 +77,7 @@ def hw6(*args) -> list:
 
 
 def with_checkout_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": pythonpath_with_checkout()}
 
 
 @pytest.mark.slow
