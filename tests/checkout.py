@@ -1,5 +1,6 @@
 """This checkout first on PYTHONPATH, so that notebook kernels and subprocesses import its hw6utils, also where it is
-not pip-installed (the `kernels_import_this_checkout` fixture, and the env of subprocesses started by hand)."""
+not pip-installed (the `kernels_import_this_checkout` fixture, and the env of subprocesses started by hand). CHECKOUT is
+the root of this checkout, for the tests that read its files."""
 import os
 from pathlib import Path
 
@@ -7,4 +8,5 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def pythonpath_with_checkout() -> str:
-    return os.pathsep.join([str(CHECKOUT), os.environ.get("PYTHONPATH", "")])
+    # no empty entry when PYTHONPATH is unset: an empty entry puts the current folder on the path
+    return os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))

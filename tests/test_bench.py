@@ -1,11 +1,12 @@
 """bench/bench.py runs end to end on the smoke preset and prints every figure the speed issue asks for."""
 import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
+from checkout import CHECKOUT
+
+BENCH = CHECKOUT / "bench" / "bench.py"
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from checkout import CHECKOUT, pythonpath_with_checkout
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-REPO = Path(__file__).resolve().parent.parent
-SCREENSHOTS = REPO / "outputs"
+SCREENSHOTS = CHECKOUT / "outputs"
 CHROMIUM = Path("/usr/bin/chromium")
 # --headless etc.: no screen here; the networking flags keep Chromium from calling out (the network is closed)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -84,7 +85,7 @@ def lab(shapes_dir, tmp_path_factory):
     root = tmp / "root"
     (root / "notebooks").mkdir(parents=True)
     for name in NOTEBOOKS:
-        shutil.copy(REPO / "notebooks" / name, root / "notebooks" / name)
+        shutil.copy(CHECKOUT / "notebooks" / name, root / "notebooks" / name)
     sampling = root / "notebooks" / "05_sampling.ipynb"
     text = sampling.read_text()
     assert text.count("NUM_INFERENCE_STEPS = None") == 1, "05's parameters cell changed: update this test"
@@ -100,7 +101,7 @@ def lab(shapes_dir, tmp_path_factory):
         path.write_text(json.dumps(values))
     runtime = tmp / "runtime"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONPATH": pythonpath_with_checkout(),
            "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_DATA_DIR": str(tmp / "data"),
            "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTERLAB_SETTINGS_DIR": str(settings),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces"), "IPYTHONDIR": str(tmp / "ipython"),
@@ -218,7 +219,7 @@ def expected_pixels(steps: int) -> list:
     """What the explorer should show for PROMPT, GUIDANCE, SEED, COUNT: the same call, made here."""
     import numpy as np
     from hw6utils.sampling import generate_images, load_model
-    model = load_model("reference", str(REPO / "outputs"), "cpu")
+    model = load_model("reference", str(CHECKOUT / "outputs"), "cpu")
     images = generate_images(model, [PROMPT] * COUNT, [SEED + i for i in range(COUNT)], guidance_scale=GUIDANCE,
                              num_inference_steps=steps,
                              batch_size=COUNT, progress=False)

@@ -17,8 +17,9 @@ import nbformat
 import pytest
 from packaging.requirements import Requirement
 
-REPO = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+from checkout import CHECKOUT
+
+NOTEBOOKS = sorted((CHECKOUT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COLAB_TORCH = ["2.6.0+cu124", "2.8.0+cu126", "2.9.0+cu128"]  # GPU builds Colab has shipped: pip must keep them
 
 # Runs in the subprocess: argv[1] is the cell's source, argv[2] "plain" or "colab". Prints one JSON line.
@@ -121,7 +122,7 @@ def test_colab_cell_installs_this_project_with_colabs_torch(path, tmp_path):
     assert badge, f"{path.name}: no Colab badge in the first cell"
     assert commands["url"].removesuffix(".git") == f"https://github.com/{badge.group(1)}", commands["url"]
     assert badge.group(2) == f"notebooks/{path.name}", badge.group(2)
-    metadata = check_install(commands, path, REPO, tmp_path / "report.json")
+    metadata = check_install(commands, path, CHECKOUT, tmp_path / "report.json")
     torch = [Requirement(r) for r in metadata["requires_dist"] if Requirement(r).name == "torch"]
     assert torch and all(torch[0].specifier.contains(v, prereleases=True) for v in COLAB_TORCH), \
         f"the project's {torch} would replace Colab's GPU torch {COLAB_TORCH}"
@@ -133,17 +134,17 @@ def test_the_install_check_can_fail(tmp_path):
             "pip_args": ["-q", "-e", "/content/hw6-diffusion"], "cd": "/content/hw6-diffusion/notebooks"}
     notebook = NOTEBOOKS[0]
     with pytest.raises(AssertionError, match="install the clone"):
-        check_install({**good, "pip_args": ["-q", "-e", "/content/hw6"]}, notebook, REPO, tmp_path / "r1.json")
+        check_install({**good, "pip_args": ["-q", "-e", "/content/hw6"]}, notebook, CHECKOUT, tmp_path / "r1.json")
     with pytest.raises(AssertionError, match="torch stays"):
-        check_install({**good, "pip_args": ["-q", "-e", "/content/hw6-diffusion", "torch==2.13.0"]}, notebook, REPO,
+        check_install({**good, "pip_args": ["-q", "-e", "/content/hw6-diffusion", "torch==2.13.0"]}, notebook, CHECKOUT,
                       tmp_path / "r2.json")
     with pytest.raises(AssertionError, match="pip rejects"):
-        check_install({**good, "pip_args": ["-q", "--editabel", "/content/hw6-diffusion"]}, notebook, REPO,
+        check_install({**good, "pip_args": ["-q", "--editabel", "/content/hw6-diffusion"]}, notebook, CHECKOUT,
                       tmp_path / "r3.json")
     broken = tmp_path / "clone"  # a clone whose project needs a package that does not exist
     (broken / "notebooks").mkdir(parents=True)
     (broken / "notebooks" / notebook.name).write_text("{}")
-    (broken / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text().replace(
+    (broken / "pyproject.toml").write_text((CHECKOUT / "pyproject.toml").read_text().replace(
         '"scipy>=1.10",', '"scipy>=1.10", "hw6-no-such-package>=1",'))
     (broken / "hw6utils").mkdir()
     (broken / "hw6utils" / "__init__.py").write_text("")

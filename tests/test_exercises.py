@@ -11,14 +11,14 @@ import nbformat
 import pytest
 import torch
 
-from checkout import pythonpath_with_checkout
+from checkout import CHECKOUT, pythonpath_with_checkout
 from hw6utils import cli, exercises
 from hw6utils.grading import COLUMNS, grade
 from hw6utils.notebooks import run_notebooks
 from hw6utils.sandbox import unavailable_reason
 
 WHY_NOT = unavailable_reason()  # hw6 grade sandboxes each submission (bubblewrap)
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = CHECKOUT / "notebooks"
 MASTERS = exercises.master_notebooks(NOTEBOOK_DIR)
 EXERCISES = {"01_data.ipynb": ["caption"], "04_training.ipynb": ["forward_process", "training_loss", "optimizer_step"],
              "05_sampling.ipynb": ["guidance", "ddim_step"]}

@@ -15,14 +15,13 @@ import nbformat
 import pytest
 from PIL import Image
 
-from checkout import pythonpath_with_checkout
+from checkout import CHECKOUT, pythonpath_with_checkout
 from course_fixture import write_course_fixture
 from hw6utils.grading import grade
 from hw6utils.sandbox import unavailable_reason
 from hw6utils.scoring import compute_stats, save_stats
 from test_scoring import extractor_file, random_png, tiny_clip_dir, tiny_extractor  # noqa: F401  (stand-ins, fixtures)
 
-REPO = Path(__file__).resolve().parent.parent
 WHY_NOT = unavailable_reason()  # hw6 grade sandboxes each submission (bubblewrap): these tests skip without one
 needs_sandbox = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
 
@@ -348,9 +347,9 @@ def generate(cfg, device="cpu", out_dir=None, progress=True):  # this student's 
 def student_project(root: Path) -> Path:
     """A student's copy of this project whose `generate` writes 256 px PNGs (the shapes models draw 64 px)."""
     for folder in ["hw6utils", "notebooks", "data/reference"]:
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+        shutil.copytree(CHECKOUT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     for name in ["README.md", "pyproject.toml", "Makefile", "environment.yml"]:
-        shutil.copy(REPO / name, root / name)
+        shutil.copy(CHECKOUT / name, root / name)
     with open(root / "hw6utils" / "sampling.py", "a") as f:
         f.write(UPSCALING_GENERATE)
     return root

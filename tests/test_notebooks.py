@@ -1,14 +1,14 @@
 import ast
 import time
-from pathlib import Path
 
 import nbformat
 import papermill
 import pytest
 
+from checkout import CHECKOUT
 from hw6utils.notebooks import load_parameters, notebook_paths, run_notebooks
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = CHECKOUT / "notebooks"
 NOTEBOOKS = notebook_paths(cwd=NOTEBOOK_DIR)
 
 

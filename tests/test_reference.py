@@ -1,16 +1,16 @@
 """The shipped reference model (data/reference): complete, small, and good on the fixed prompt set."""
 import json
-from pathlib import Path
 
 import pytest
 
+from checkout import CHECKOUT
 from hw6utils.config import REFERENCE_DIR, load_config
 from hw6utils.data import shape_test_entries
 from hw6utils.evaluation import format_scores
 from hw6utils.notebooks import run_notebooks
 from hw6utils.sampling import load_model
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = CHECKOUT / "notebooks"
 
 
 def test_reference_is_complete_and_small():
