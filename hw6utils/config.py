@@ -65,6 +65,8 @@ class ModelConfig:
 class TrainConfig:
     output_dir: str = _f("outputs", "where ckpt_last/, samples_last/, loss logs and caches go")
     max_steps: int = _f(1500, "optimizer steps to train (not micro-steps)")
+    time_budget: float = _f(0.0, "minutes the training may take (0 = no limit): once its pace is known, max_steps is "
+                                 "lowered to the steps that fit, and the learning-rate schedule ends there")
     batch_size: int = _f(64, "samples per forward pass (micro-batch)")
     grad_accum: int = _f(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum")
     lr: float = _f(1.5e-3, "AdamW peak learning rate")
@@ -202,7 +204,7 @@ AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "bat
                 "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
 AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
                  "timestep_std", "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr",
-                 "vae_kl_weight", "text_noise")
+                 "vae_kl_weight", "text_noise", "time_budget")
 BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
 # far beyond any useful value: guidance 1e308 gives all-black images, an AdamW rate of 5 diverges at once
 # (HW6Pipeline.check_inputs repeats the guidance bound: pipeline.py imports nothing of hw6utils, so that an export

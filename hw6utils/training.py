@@ -24,7 +24,7 @@ from diffusers.training_utils import EMAModel, compute_density_for_timestep_samp
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_name, ema_weights, list_checkpoints, read_best, save_checkpoint
-from .config import Config, load_config
+from .config import Config, apply_overrides, load_config
 from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
                    load_images, mirror_caption, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
@@ -419,18 +419,22 @@ class Run:
 
 
 @holding_output_dir
-def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> list:
+def train(cfg: Config, prepared: dict | None = None, progress: bool = True, reserve_steps: int = 0) -> list:
     """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
 
     Runs as one process, or as N under `torchrun --nproc_per_node N` (DistributedDataParallel): the global
     batch is then batch_size x grad_accum x N, and only rank 0 writes checkpoints, previews and logs.
+    With time_budget, the run ends within that many minutes of this call, leaving reserve_steps' worth of time
+    for what the caller does next (`hw6 demo` scores the model).
     """
     t = cfg.train
+    started = time.time()
     run = start_or_resume(cfg, prepared)
     if run.start_step >= t.max_steps:
         return run.history
     bar = tqdm(range(run.start_step, t.max_steps), initial=run.start_step, total=t.max_steps,
                disable=not (progress and run.main_process))
+    pace = None  # (time, step) from which time_budget measures the pace, once the first steps are behind
     tick, timed = time.time(), 0  # timed: micro-batches since tick (the window may hold losses from before a resume)
     with stop_on_interrupt("finishing this step and saving a checkpoint") as interrupted:
         for step in bar:
@@ -453,7 +457,12 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
             run.window += losses
             lr_used = optimizer_step(run)
             done = step + 1
-            if done % t.log_freq == 0 or done == t.max_steps:
+            if t.time_budget and done - run.start_step == 5:  # the first steps allocate memory: not the pace
+                pace = (time.time(), done)
+            if pace and done - pace[1] >= 10 and done % 10 == 0:
+                fit_to_time_budget(run, done, started, pace, reserve_steps, t.max_steps, bar)
+            last = run.cfg.train.max_steps  # time_budget may have lowered it
+            if done % t.log_freq == 0 or done == last:
                 record = log_losses(run, done, lr_used, timed * t.batch_size * run.world / max(time.time() - tick, 1e-9))
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 tick, timed = time.time(), 0
@@ -462,6 +471,8 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True) -> l
                 if run.main_process:
                     print(f"stopped by Ctrl-C after step {done}, checkpoint saved in {run.out_dir / 'ckpt_last'}; resume "
                           f"with --ckpt_path last --output_dir {t.output_dir} (ckpt_path='last' in a notebook)")
+                break
+            if done == last:
                 break
     finish(run)
     return run.history
@@ -482,9 +493,7 @@ def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
         dist.barrier()
     prepared = prepared or prepare_data(cfg, device)
     unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
-    # diffusers' plain "constant" ignores the warm-up; "constant_with_warmup" is the constant rate after it
-    lr_scheduler = get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
-                                 num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    lr_scheduler = lr_schedule(optimizer, t)
     # foreach: the EMA update is two fused kernels over all weights rather than three per weight tensor
     ema = EMAModel(unet.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     run = Run(cfg, prepared, rank, world, device, out_dir, unet, model, optimizer, lr_scheduler, ema,
@@ -519,6 +528,40 @@ def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
               f" = {t.batch_size * t.grad_accum * world}, steps {run.start_step} -> {t.max_steps}, "
               f"{precision_text(device, t.mixed_precision)} on {device}")
     return run
+
+
+def lr_schedule(optimizer, t, last_epoch: int = -1):
+    """diffusers' schedule of t.lr_schedule over t.max_steps (after last_epoch steps, when it is rebuilt mid-run)."""
+    # diffusers' plain "constant" ignores the warm-up; "constant_with_warmup" is the constant rate after it
+    return get_scheduler("constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
+                         num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps, last_epoch=last_epoch)
+
+
+def fit_to_time_budget(run: Run, done: int, started: float, pace: tuple, reserve_steps: int, asked: int,
+                       bar=None) -> None:
+    """Lower (or raise again, up to the asked max_steps) run.cfg's max_steps to the steps that end training within
+    time_budget minutes of `started`, at the seconds per step measured since pace = (time, step), keeping
+    reserve_steps' worth of time free after it; the learning-rate schedule is rebuilt to end at the new last step.
+    Under torchrun every process takes the smallest fit, so that all stop at the same step."""
+    now = time.time()
+    per_step = (now - pace[0]) / (done - pace[1])
+    left = run.cfg.train.time_budget * 60 - (now - started)
+    fit = min(max(done + int(left / per_step) - reserve_steps, done), asked)
+    if run.world > 1:
+        agreed = torch.tensor([fit], device=run.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        fit = int(agreed.item())
+    before = run.cfg.train.max_steps
+    if fit == before:
+        return
+    run.cfg = apply_overrides(run.cfg, max_steps=fit)
+    run.lr_scheduler = lr_schedule(run.optimizer, run.cfg.train, last_epoch=done - 1)
+    if bar is not None:
+        bar.total = fit
+        bar.refresh()
+    if run.main_process and before == asked:  # the first time the budget binds
+        print(f"time_budget {run.cfg.train.time_budget:g} min: at {1 / per_step:.1f} steps/s, training ends at step "
+              f"{fit} of {asked} (the learning-rate schedule ends there too)")
 
 
 def optimizer_step(run: Run) -> float:

@@ -142,6 +142,55 @@ def test_resume_with_fewer_max_steps_says_where_the_schedule_now_is(smoke_cfg, c
            f"{cfg.train.lr / 4:.3g}" in out
 
 
+def run_on_a_clock(monkeypatch, cfg, prepared, seconds_per_step: float, reserve_steps: int = 0) -> list:
+    """train() with training's clock replaced by one that moves seconds_per_step with every optimizer step."""
+    import time
+    import types
+
+    from hw6utils import training
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+    step = training.optimizer_step
+
+    def timed_step(run):
+        clock[0] += seconds_per_step
+        return step(run)
+    monkeypatch.setattr(training, "optimizer_step", timed_step)
+    return train(cfg, prepared, progress=False, reserve_steps=reserve_steps)
+
+
+def test_time_budget_ends_the_run_and_its_schedule_at_the_steps_that_fit(smoke_cfg, monkeypatch, capsys):
+    """At 1 s a step, a 1-minute budget with 10 steps' worth kept free fits 50 of the 200 steps asked: the run
+    stops at step 50, saves it with max_steps 50 in its config, and its cosine schedule ends there (the last step
+    runs at the rate of step index 49 of 50, not of 200)."""
+    import math
+
+    from hw6utils.config import load_config
+    cfg = apply_overrides(smoke_cfg, max_steps=200, time_budget=1.0, batch_size=4, log_freq=1, eval_freq=0,
+                          save_freq=1000, warmup_steps=2, lr_schedule="cosine")
+    history = run_on_a_clock(monkeypatch, cfg, prepare_data(cfg, pick_device("cpu")), 1.0, reserve_steps=10)
+    assert history[-1]["step"] == 50
+    ckpt = Path(cfg.train.output_dir) / "ckpt_last" / "unet_sch_50"
+    assert load_config(ckpt / "hw6_config.json").train.max_steps == 50
+    lr = cfg.train.lr
+    assert history[-1]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (49 - 2) / (50 - 2))))
+    assert history[12]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (12 - 2) / (200 - 2))))  # before the fit
+    rates = [h["lr"] for h in history[2:]]
+    assert all(b <= a for a, b in zip(rates, rates[1:]))  # rebuilt in place: no jump when the schedule shortens
+    assert "time_budget 1 min: at 1.0 steps/s, training ends at step 50 of 200" in capsys.readouterr().out
+
+
+def test_a_time_budget_that_is_not_reached_changes_nothing(smoke_cfg, monkeypatch):
+    cfg = apply_overrides(smoke_cfg, max_steps=30, batch_size=4, log_freq=1, eval_freq=0, save_freq=1000)
+    prepared = prepare_data(cfg, pick_device("cpu"))
+    plain = train(cfg, prepared, progress=False)
+    budgeted = run_on_a_clock(monkeypatch, apply_overrides(cfg, output_dir=cfg.train.output_dir + "_b", time_budget=1.0),
+                              prepared, 1.0)
+    assert [h["step"] for h in budgeted] == list(range(1, 31))
+    for key in ("loss", "lr"):
+        assert [h[key] for h in budgeted] == pytest.approx([h[key] for h in plain], rel=1e-6), key
+
+
 def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(apply_overrides(smoke_cfg, ckpt_path="last"), progress=False)
