@@ -235,8 +235,9 @@ def check_values(cfg: Config) -> None:
 
 
 def _tiny() -> Config:
-    # make demo's 10 minutes on 2 cores hold 3,000 steps of batch 16 in fp32 (here bf16 autocast makes a step of this
-    # small UNet 1.4x slower: `bench/bench.py --flags`); more, smaller steps beat fewer, larger ones. Timesteps from
+    # make demo's 10 minutes on 2 cores hold 3,000 steps of batch 16 in fp32 on a fast day (here bf16 autocast makes a
+    # step of this small UNet 1.4x slower: `bench/bench.py --flags`; where they do not fit, make demo's time_budget
+    # trains fewer); more, smaller steps beat fewer, larger ones. Timesteps from
     # SD3's logit-normal density shifted to the noise teach place: 75% against 21% drawn uniformly at 1,500 steps
     # (mean 2; README, "The demo's recipe, measured"). Guidance: `hw6 sweep` on the reference model (DDIM 50, 72
     # prompts, 4 seeds) gave 90.6% at 2, ~88% at 3, 79-83% at 5 and 75% at 7.5: these models need little.

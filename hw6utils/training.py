@@ -493,25 +493,26 @@ def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
         dist.barrier()
     prepared = prepared or prepare_data(cfg, device)
     unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
-    lr_scheduler = lr_schedule(optimizer, t)
     # foreach: the EMA update is two fused kernels over all weights rather than three per weight tensor
     ema = EMAModel(unet.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
-    run = Run(cfg, prepared, rank, world, device, out_dir, unet, model, optimizer, lr_scheduler, ema,
+    run = Run(cfg, prepared, rank, world, device, out_dir, unet, model, optimizer, lr_schedule(optimizer, t), ema,
               grad_scaler(device, t.mixed_precision), make_noise_scheduler(cfg), torch.Generator().manual_seed(t.seed),
               {k: v.to(device) for k, v in prepared["null_text"].items()},
               training_scorer(cfg) if main_process else None,  # loads its networks now: a missing file fails early
               0, [], [], resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None)
     if run.resume_from is not None:
         run.start_step, run.history, run.window = load_training_state(
-            run.resume_from, unet, ema, optimizer, lr_scheduler, run.generator, t.lr, t.weight_decay, run.scaler)
+            run.resume_from, unet, ema, optimizer, run.generator, t.lr, t.weight_decay, run.scaler)
+        run.lr_scheduler = lr_schedule(optimizer, t, last_epoch=run.start_step - 1)  # where the step is on t's schedule
         if run.start_step >= t.max_steps:
             if main_process:
                 print(f"nothing to train: the checkpoint is at step {run.start_step} and max_steps is {t.max_steps}")
             return run
         saved_steps = load_config(run.resume_from / "hw6_config.json").train.max_steps
         if saved_steps != t.max_steps and t.lr_schedule != "constant" and main_process:
+            rate = run.lr_scheduler.get_last_lr()[0]
             print(f"note: max_steps {saved_steps} -> {t.max_steps}: the {t.lr_schedule} schedule now ends at step "
-                  f"{t.max_steps}, so the learning rate at step {run.start_step} is {lr_scheduler.get_last_lr()[0]:.3g}")
+                  f"{t.max_steps}, so the learning rate at step {run.start_step} is {rate:.3g}")
         if main_process:  # rows that a run which went on logged after this checkpoint are logged again now
             for log in (out_dir / "loss_log.csv", out_dir / "eval_log.csv"):
                 truncate_csv(log, run.start_step)
@@ -832,12 +833,13 @@ def check_intact(path: Path) -> None:
     raise ValueError(f"{damage[0]}: truncated or corrupt ({damage[1]}); {advice}")
 
 
-def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generator, lr: float | None = None,
+def load_training_state(path: Path, unet, ema, optimizer, generator, lr: float | None = None,
                         weight_decay: float | None = None, scaler=None) -> tuple:
-    """Restore everything save_checkpoint wrote; returns (step, history, losses not yet logged).
+    """Restore everything save_checkpoint wrote but the learning-rate schedule, which the caller rebuilds at the
+    saved step (lr_schedule); returns (step, history, losses not yet logged).
 
     lr and weight_decay, when given, replace the saved ones (a resume with a new --lr uses it from the next step,
-    along the same schedule)."""
+    along the same schedule: the schedule scales each group's initial_lr)."""
     from diffusers import UNet2DConditionModel
 
     saved = UNet2DConditionModel.from_pretrained(path, torch_dtype=torch.float32)
@@ -851,18 +853,15 @@ def load_training_state(path: Path, unet, ema, optimizer, lr_scheduler, generato
     unet.load_state_dict(saved.state_dict())
     state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    saved_lr, saved_wd = lr_scheduler.base_lrs[0], optimizer.param_groups[0]["weight_decay"]
+    saved_lr, saved_wd = optimizer.param_groups[0]["initial_lr"], optimizer.param_groups[0]["weight_decay"]
     if (lr is not None and lr != saved_lr) or (weight_decay is not None and weight_decay != saved_wd):
         print(f"resuming with lr {lr if lr is not None else saved_lr:g} (saved {saved_lr:g}) and weight decay "
               f"{weight_decay if weight_decay is not None else saved_wd:g} (saved {saved_wd:g})")
-    for i, group in enumerate(optimizer.param_groups):
+    for group in optimizer.param_groups:
         if weight_decay is not None:
             group["weight_decay"] = weight_decay
-        if lr is not None:  # the schedule multiplies base_lrs by a factor of the step: swap the base, redo the rate
-            group["initial_lr"] = lr_scheduler.base_lrs[i] = lr
-            group["lr"] = lr * lr_scheduler.lr_lambdas[i](lr_scheduler.last_epoch)
-    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if lr is not None:
+            group["initial_lr"] = lr
     if ema is not None:
         ema_unet = UNet2DConditionModel.from_pretrained(path / "ema", torch_dtype=torch.float32)
         # laid out like the UNet's own weights (channels_last too), so the foreach update keeps its fast path
