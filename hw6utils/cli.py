@@ -328,8 +328,12 @@ def run(args) -> int:
         from .training import train_vae
         train_vae(cfg)
     elif args.command == "train":
+        import torch.distributed as dist
+
         from .training import train
         train(resume_config(cfg, args) if cfg.train.ckpt_path else cfg)
+        if dist.is_initialized():  # under torchrun: leaving with gloo's threads still up can abort the process
+            dist.destroy_process_group()
     elif args.command == "generate":
         from .sampling import generate
         from .training import pick_device

@@ -47,7 +47,7 @@ def test_two_gloo_processes_match_one_process(smoke_cfg, tmp_path, cached):
 
 
 FIT_ON_TWO_CLOCKS = """
-import sys, time, types
+import time, types
 import torch, torch.distributed as dist
 from hw6utils.config import get_preset
 from hw6utils.training import fit_to_time_budget
@@ -62,6 +62,8 @@ now = time.time()
 # alone, rank 0 would fit 100 + 500 steps and rank 1 100 + 300
 fit_to_time_budget(run, 100, now - 10 - 20 * rank, (now - 10, 0), 0, 1000)
 print(f"rank {rank} max_steps {run.cfg.train.max_steps} lr {run.lr_scheduler.get_last_lr()[0]:.6g}")
+dist.barrier()
+dist.destroy_process_group()  # leaving with gloo's threads still up can abort the process (SIGABRT)
 """
 
 
