@@ -91,14 +91,14 @@ def ema_weights(unet, ema):
         ema.restore(unet.parameters())
 
 
-def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler, noise_scheduler, cfg: Config,
+def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, noise_scheduler, cfg: Config,
                     generator: torch.Generator, history: list, protect=(), window=(), scaler=None) -> Path:
     """Write <out_dir>/ckpt_last/unet_sch_<step>/ atomically: into a .tmp folder first, then one rename.
 
     Holds the UNet (save_pretrained: config.json + diffusion_pytorch_model.safetensors), ema/ (the same for
     the EMA weights), scheduler/ (the noise schedule), hw6_config.json, and training_state.pt (optimizer,
-    LR scheduler, fp16's loss scale, step, RNG states, history, and the losses of the steps since the last log
-    line).
+    fp16's loss scale, step, RNG states, history, and the losses of the steps since the last log line). The
+    learning-rate schedule is not saved: a resume rebuilds it from hw6_config.json at the step.
     """
     root = Path(out_dir) / "ckpt_last"
     final = root / checkpoint_name(step)
@@ -112,7 +112,7 @@ def save_checkpoint(out_dir: Path, step: int, unet, ema, optimizer, lr_scheduler
                 unet.save_pretrained(tmp / "ema")
         noise_scheduler.save_pretrained(tmp / "scheduler")
         save_config(cfg, tmp / "hw6_config.json")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        torch.save({"step": step, "optimizer": optimizer.state_dict(),
                     "ema_optimization_step": ema.optimization_step if ema is not None else 0,
                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "loss_window": list(window), "grad_scaler": scaler.state_dict() if scaler is not None else {}},

@@ -605,7 +605,7 @@ def evaluate_and_save(run: Run, done: int, stop: bool) -> None:
                                         run.out_dir, done)
     if done % t.save_freq == 0 or done == t.max_steps or stop or new_best:
         best = read_best(run.out_dir / "ckpt_last")
-        save_checkpoint(run.out_dir, done, run.unet, run.ema, run.optimizer, run.lr_scheduler, run.noise_scheduler,
+        save_checkpoint(run.out_dir, done, run.unet, run.ema, run.optimizer, run.noise_scheduler,
                         run.cfg, run.generator, run.history, protect={run.resume_from, best and best["path"]},
                         window=run.window, scaler=run.scaler)
         if new_best:  # written after its checkpoint is complete

@@ -14,6 +14,16 @@ from hw6utils.training import train
 pytestmark = pytest.mark.slow
 
 
+def torchrun_hw6_train(flags: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m hw6utils.cli train --preset smoke --<name> <value>...`, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "hw6utils.cli", "train", "--preset", "smoke"]
+    for name, value in flags.items():
+        command += [f"--{name}", str(value)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def read_losses(out_dir: Path) -> list:
     with (out_dir / "loss_log.csv").open() as f:
         return [float(row["loss"]) for row in csv.DictReader(f)]
@@ -28,12 +38,7 @@ def test_two_gloo_processes_match_one_process(smoke_cfg, tmp_path, cached):
 
     flags = {**common, "batch_size": 4, "output_dir": str(tmp_path / "ddp"), "data_dir": smoke_cfg.data.data_dir,
              "vae": smoke_cfg.encoders.vae}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "hw6utils.cli", "train", "--preset", "smoke"]
-    for name, value in flags.items():
-        command += [f"--{name}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = torchrun_hw6_train(flags)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "x 2 processes = 16" in done.stdout  # 4 per process x 2 micro-batches x 2 processes
 
@@ -91,11 +96,7 @@ def test_two_gloo_processes_end_a_time_budget_at_the_same_step(smoke_cfg, tmp_pa
     flags = {"max_steps": 100000, "time_budget": 0.1, "batch_size": 4, "log_freq": 5, "eval_freq": 0,
              "save_freq": 100000, "device": "cpu", "mixed_precision": "no", "output_dir": str(out),
              "data_dir": smoke_cfg.data.data_dir, "vae": smoke_cfg.encoders.vae, "cache_dir": smoke_cfg.train.cache_dir}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "hw6utils.cli", "train", "--preset", "smoke"]
-    for name, value in flags.items():
-        command += [f"--{name}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun_hw6_train(flags, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     fitted = re.findall(r"time_budget 0.1 min: at [\d.]+ steps/s, training ends at step (\d+) of 100000", done.stdout)
     assert len(fitted) == 1, done.stdout[-2000:]  # rank 0 alone prints
