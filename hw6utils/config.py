@@ -85,6 +85,9 @@ class TrainConfig:
                                          "matching, SD3's rectified flow: x_s = (1 - s) x_0 + s eps, the UNet "
                                          "predicts eps - x_0; sampled by Euler steps, FlowMatchEulerDiscreteScheduler)")
     snr_gamma: float = _f(5.0, "min-SNR loss weighting gamma (0 = plain MSE; 'flow' is always plain MSE)")
+    snr_floor: float = _f(0.0, "v_prediction with min-SNR: the weight of the x_0 error never falls below this, so "
+                               "the noisiest steps, where place is decided, keep some weight (Salimans & Ho's "
+                               "truncated SNR is 1; 0 = min-SNR alone; other prediction types ignore it)")
     timestep_sampling: str = _f("uniform", "how t is drawn: 'uniform' over 0..T-1 (DDPM), or 'logit_normal' (SD3: t/T = "
                                            "sigmoid(n), n ~ N(timestep_mean, timestep_std^2))")
     timestep_mean: float = _f(0.0, "logit_normal: the mean of n; above 0 more of the noisy steps, where the layout (the "
@@ -203,7 +206,7 @@ AT_LEAST_ONE = ("image_size", "shapes_frames", "max_text_len", "max_steps", "bat
                 "num_train_timesteps", "save_freq", "log_freq", "eval_limit", "num_inference_steps", "gen_batch_size",
                 "vae_steps", "vae_batch_size", "layers_per_block", "norm_num_groups", "attention_head_dim")
 AT_LEAST_ZERO = ("warmup_steps", "eval_freq", "keep_last", "num_threads", "lr", "weight_decay", "grad_clip",
-                 "timestep_std", "snr_gamma", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr",
+                 "timestep_std", "snr_gamma", "snr_floor", "eta", "guidance_scale", "preview_guidance_scale", "vae_lr",
                  "vae_kl_weight", "text_noise", "time_budget")
 BELOW_ONE = ("ema_decay", "cond_drop_prob")  # in [0, 1)
 # far beyond any useful value: guidance 1e308 gives all-black images, an AdamW rate of 5 diverges at once
@@ -232,6 +235,9 @@ def check_values(cfg: Config) -> None:
     for name, limit in AT_MOST.items():
         if values[name] > limit:
             raise ValueError(f"{name} must be a number at most {limit}; got {values[name]!r}")
+    if values["snr_floor"] > values["snr_gamma"] > 0:
+        raise ValueError(f"snr_floor must be a number at most snr_gamma ({values['snr_gamma']!r}), the min-SNR cap it "
+                         f"sits under; got {values['snr_floor']!r}")
 
 
 def _tiny() -> Config:

@@ -709,19 +709,24 @@ def diffusion_loss(unet, noise_scheduler, batch: dict, null_text: dict, cfg: Con
     with autocast(latents.device, t.mixed_precision):
         noise_pred = unet(noisy_latents, timesteps, **unet_kwargs(unet, text, cfg.encoders.text_mask)).sample
     loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type)).mean()
+    return (loss * loss_weights(noise_scheduler, timesteps, t.snr_gamma, t.prediction_type, t.snr_floor)).mean()
 
 
-def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+def loss_weights(noise_scheduler, timesteps, snr_gamma: float, prediction_type: str, snr_floor: float = 0.0):
     """Min-SNR-gamma weighting (Hang et al. 2023): w_t = min(SNR_t, gamma) / SNR_t for eps (/(SNR_t + 1) for v).
 
-    It stops the many easy, low-noise timesteps from dominating the loss; gamma = 0 gives plain MSE.
+    Each is min(SNR_t, gamma) on the x_0 error: ||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2 and ||v_hat - v||^2 =
+    (SNR + 1) ||x0_hat - x0||^2. It stops the many easy, low-noise timesteps from dominating the loss; gamma = 0
+    gives plain MSE. snr_floor (v only) keeps the x_0 weight of the noisiest steps from vanishing with their SNR:
+    clamp(SNR_t, snr_floor, gamma) / (SNR_t + 1) (Salimans & Ho's truncated SNR is max(SNR_t, 1)).
     """
     if snr_gamma <= 0 or prediction_type == "flow":
         return torch.ones(timesteps.shape, device=timesteps.device)
     snr = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=snr_gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return torch.clamp(clipped, min=snr_floor) / (snr + 1)
+    return clipped / snr
 
 
 def truncate_csv(path: Path, step: int) -> None:

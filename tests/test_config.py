@@ -81,6 +81,7 @@ def test_hw6_preset_is_the_course_setting():
     ("eta", 3.0, "eta must be a number at most 1"),
     ("vae_kl_weight", float("inf"), "vae_kl_weight must be a finite number"),
     ("snr_gamma", float("inf"), "snr_gamma must be a finite number"),
+    ("snr_floor", 6.0, r"snr_floor must be a number at most snr_gamma \(5.0\), the min-SNR cap it sits under; got 6.0"),
     ("grad_clip", float("-inf"), "grad_clip must be a finite number"),
 ])
 def test_non_finite_or_absurd_floats_are_named(field, value, message):

@@ -196,6 +196,24 @@ def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
         train(apply_overrides(smoke_cfg, ckpt_path="last"), progress=False)
 
 
+def test_min_snr_weights_the_x0_error_alike_for_eps_and_v_and_the_floor_keeps_the_noisiest_steps(smoke_cfg):
+    from hw6utils.training import loss_weights
+    scheduler = make_noise_scheduler(smoke_cfg)
+    timesteps = torch.tensor([0, 300, 600, 800, 900, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    eps = loss_weights(scheduler, timesteps, 5.0, "epsilon")
+    v = loss_weights(scheduler, timesteps, 5.0, "v_prediction")
+    # ||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2, ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2: both min(SNR, 5) on x0
+    assert torch.allclose(eps * snr, snr.clamp(max=5.0), rtol=1e-4)
+    assert torch.allclose(v * (snr + 1), snr.clamp(max=5.0), rtol=1e-4)
+    floored = loss_weights(scheduler, timesteps, 5.0, "v_prediction", snr_floor=1.0)
+    assert torch.allclose(floored * (snr + 1), snr.clamp(min=1.0, max=5.0), rtol=1e-4)
+    assert v[-1] < 1e-6 and floored[-1] > 0.99  # the noisiest step: next to nothing without the floor, full with it
+    assert torch.equal(floored[snr >= 1], v[snr >= 1])  # from SNR 1 on, min-SNR as before
+    assert torch.equal(loss_weights(scheduler, timesteps, 5.0, "epsilon", snr_floor=1.0), eps)  # eps: no floor
+
+
 def test_v_prediction_trains_and_is_saved_in_the_schedule(smoke_cfg):
     cfg = apply_overrides(smoke_cfg, max_steps=2, prediction_type="v_prediction", eval_freq=0)
     history = train(cfg, progress=False)
