@@ -214,6 +214,33 @@ def test_min_snr_weights_the_x0_error_alike_for_eps_and_v_and_the_floor_keeps_th
     assert torch.equal(loss_weights(scheduler, timesteps, 5.0, "epsilon", snr_floor=1.0), eps)  # eps: no floor
 
 
+@pytest.mark.parametrize("snr_floor", [0.0, 1.0])
+def test_the_v_loss_is_the_x0_error_weighed_by_clamped_snr(smoke_cfg, snr_floor):
+    """A UNet whose x_0 is off by 0.1 everywhere: diffusion_loss with v-prediction is mean(clamp(SNR, floor, 5)) *
+    0.1^2, so ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2 holds and the floor reaches the loss."""
+    from types import SimpleNamespace
+
+    from hw6utils.training import diffusion_loss
+    cfg = apply_overrides(smoke_cfg, prediction_type="v_prediction", snr_floor=snr_floor, mixed_precision="no")
+    scheduler = make_noise_scheduler(cfg)
+    timesteps = torch.tensor([0, 300, 600, 800, 900, 999])
+    latents, noise = torch.randn(6, 4, 4, 4, dtype=torch.float64), torch.randn(6, 4, 4, 4, dtype=torch.float64)
+    alpha_bar = scheduler.alphas_cumprod.double()[timesteps].view(-1, 1, 1, 1)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def off_by_a_tenth(noisy, t, **text):
+        x0_hat = latents + 0.1
+        eps_hat = (noisy.double() - a * x0_hat) / s
+        return SimpleNamespace(sample=a * eps_hat - s * x0_hat)  # v of that x_0
+    off_by_a_tenth.config = SimpleNamespace(class_embed_type=None)
+    text = {"emb": torch.zeros(6, 3, 8), "mask": torch.ones(6, 3)}
+    batch = {"latents": latents.float(), "text": text, "drop": torch.zeros(6, dtype=torch.bool),
+             "noise": noise.float(), "timesteps": timesteps}
+    loss = diffusion_loss(off_by_a_tenth, scheduler, batch, {"emb": torch.zeros(1, 3, 8), "mask": torch.ones(1, 3)}, cfg)
+    snr = alpha_bar.view(-1) / (1 - alpha_bar.view(-1))
+    assert loss.item() == pytest.approx(0.01 * snr.clamp(min=snr_floor, max=5.0).mean().item(), rel=1e-3)
+
+
 def test_v_prediction_trains_and_is_saved_in_the_schedule(smoke_cfg):
     cfg = apply_overrides(smoke_cfg, max_steps=2, prediction_type="v_prediction", eval_freq=0)
     history = train(cfg, progress=False)
