@@ -281,7 +281,7 @@ def pipeline_rows(cfg, unet, prepared, device, batches: list, steps: int) -> Non
 
 def time_flags(cfg, prepared, device, args) -> None:
     """Training images/s (cached) with every speed flag off, then each flag on alone, then the config's own."""
-    names = ["channels_last"] + (["tf32", "fused_adamw"] if device.type == "cuda" else []) + \
+    names = ["channels_last", "fused_adamw"] + (["tf32"] if device.type == "cuda" else []) + \
         (["compile"] if args.compile else [])
     off = apply_overrides(cfg, **{n: False for n in names})
     runs = [("all off", off)] + [(f"+{n}", apply_overrides(off, **{n: True})) for n in names] + [("config", cfg)]

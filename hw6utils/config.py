@@ -117,7 +117,8 @@ class TrainConfig:
     # speed flags, each measured by bench/bench.py --flags (README "Speed" has the figures)
     tf32: bool = _f(False, "CUDA: TF32 for the fp32 matmuls left outside autocast (cuDNN convolutions use "
                            "TF32 by PyTorch's default either way)")
-    fused_adamw: bool = _f(True, "CUDA: AdamW's fused kernel (one launch for all parameters)")
+    fused_adamw: bool = _f(True, "AdamW's fused kernel, one for all parameters (CUDA and CPU; on 2 CPU cores the tiny "
+                                 "preset's step 1.09x faster than AdamW's loop over them)")
     channels_last: bool = _f(False, "UNet weights and inputs in channels_last memory format")
     compile: bool = _f(False, "torch.compile the UNet (compiles for a minute or more; pays off on long GPU runs)")
 

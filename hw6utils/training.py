@@ -341,8 +341,7 @@ def setup_unet(cfg: Config, text_hidden: int, device) -> tuple:
     unet = build_unet(cfg, text_hidden).to(device).train()
     if t.channels_last:
         unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                                  fused=t.fused_adamw and device.type == "cuda")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=t.fused_adamw)
     return unet, (torch.compile(unet) if t.compile else unet), optimizer
 
 

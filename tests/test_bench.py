@@ -57,7 +57,7 @@ def test_bench_flags_time_each_flag_and_the_other_precision(bench, shapes_dir, v
                 "--flags", "--skip_uncached", "--set", f"data_dir={shapes_dir}", f"vae={vae_dir}",
                 f"output_dir={tmp_path / 'bench'}"])
     rows = dict(re.findall(r"flags (.+?)\s+([\d.]+) images/s", capsys.readouterr().out))
-    assert {"all off", "+channels_last", "config", "config, no"} <= set(rows), rows
+    assert {"all off", "+channels_last", "+fused_adamw", "config", "config, no"} <= set(rows), rows
     assert all(float(v) > 0 for v in rows.values())
 
 
