@@ -414,8 +414,8 @@ def test_adamw_is_fused_on_the_cpu_too_and_takes_the_loops_step():
             optimizer.step()
             optimizer.zero_grad()
         weights[fused] = torch.cat([p.detach().flatten() for p in unet.parameters()])
-    moved = (weights[True] - torch.cat([p.detach().flatten() for p in setup_unet(cfg, 384, cpu)[0].parameters()]))
-    assert moved.abs().max() > 1e-3  # the steps moved the weights (lr 1e-2), and both ways alike
+    initial = torch.cat([p.detach().flatten() for p in setup_unet(cfg, 384, cpu)[0].parameters()])
+    assert (weights[True] - initial).abs().max() > 1e-3  # the steps moved the weights (lr 1e-2), and both ways alike
     assert torch.allclose(weights[True], weights[False], atol=1e-5)
 
 
