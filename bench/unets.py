@@ -7,7 +7,8 @@ sizes among them; the others do not change a step's cost) this builds the model 
 `hw6 train` does, then times a step of batch 16 on random latents and text (forward, backward, AdamW) and counts
 the forward's FLOPs. The UNets take turns, a few steps each, for several rounds, and each one's figure is its
 median round, so that a machine whose speed drifts (a shared VM) moves them all alike. Prints ms per step,
-steps/s, the ratio to the tiny preset's step, parameters and forward GFLOP.
+steps/s, the ratio to the tiny preset's step, parameters and forward GFLOP. A line with another autoencoder
+(`--vae DIR --sample_size 8 --latent_channels 16`: an f=8 one) is timed on latents of its size and channels.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from hw6utils.config import get_preset  # noqa: E402
 from hw6utils.models import build_unet, count_params  # noqa: E402
 
 SHAPE_FLAGS = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-               "norm_num_groups", "image_size", "sample_size")
+               "norm_num_groups", "image_size", "sample_size", "latent_channels")
 TUPLES = ("block_out_channels", "down_block_types", "up_block_types")
 
 

@@ -70,14 +70,18 @@ def test_unets_bench_times_each_distinct_unet_of_a_sweep_file(tmp_path, capsys):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# a comment\nbase_s0 --max_steps 3000 --seed 0\nbase_s1 --max_steps 2000 --seed 1\n"
                      "narrow --seed 0 --block_out_channels 16,32,64 --norm_num_groups 8\n"
-                     "small --image_size 32 --sample_size 8 --seed 2\n")
+                     "small --image_size 32 --sample_size 8 --seed 2\n"
+                     "f8 --vae outputs/vae_f8 --sample_size 8 --latent_channels 16\n")
     assert unets.unet_flags("narrow --seed 0 --block_out_channels 16,32,64") == {"block_out_channels": (16, 32, 64)}
     unets.main([str(sweep), "--rounds", "1", "--steps", "1", "--threads", "1"])
     rows = re.findall(r"([\d.]+) steps/s\s+([\d.]+)x\s+([\d.]+) M params\s+([\d.]+) GFLOP fwd\s+(.*)", capsys.readouterr().out)
-    assert [r[4] for r in rows] == ["tiny", "--block_out_channels 16,32,64 --norm_num_groups 8", "--image_size 32 --sample_size 8"]
+    assert [r[4] for r in rows] == ["tiny", "--block_out_channels 16,32,64 --norm_num_groups 8", "--image_size 32 --sample_size 8",
+                                    "--sample_size 8 --latent_channels 16"]
     assert rows[0][1] == "1.00"
     params = {r[4]: float(r[2]) for r in rows}
     flops = {r[4]: float(r[3]) for r in rows}
     assert params["--image_size 32 --sample_size 8"] == params["tiny"]  # the same UNet on a quarter of the pixels
     assert flops["--image_size 32 --sample_size 8"] < flops["tiny"] / 2
     assert params["--block_out_channels 16,32,64 --norm_num_groups 8"] < params["tiny"] / 2
+    # an f=8 autoencoder's 8x8x16 latents: the same levels on a quarter of the positions
+    assert flops["--sample_size 8 --latent_channels 16"] < flops["tiny"] / 2
