@@ -270,8 +270,7 @@ def _reference() -> Config:
     # with 10% of its captions dropped (tiny's 5% came after).
     return apply_overrides(dataclasses.replace(_tiny(), preset="reference"), batch_size=32, max_steps=18000, lr=1e-3,
                            ema_decay=0.999, timestep_mean=2.0, text_noise=0.0, cond_drop_prob=0.1, save_freq=1000,
-                           eval_freq=3000,
-                           output_dir="outputs/reference")
+                           eval_freq=3000, output_dir="outputs/reference")
 
 
 def _smoke() -> Config:
