@@ -31,10 +31,12 @@ def test_bench_prints_every_figure(bench, shapes_dir, vae_dir, tmp_path, capsys)
     assert minutes == pytest.approx(3000 * 8 / speeds["cached"] / 60, rel=0.02 + 0.05 / speeds["cached"], abs=0.06)
     ratio = float(re.search(r"cache speed-up: ([\d.]+)x", out).group(1))
     assert ratio == pytest.approx(speeds["cached"] / speeds["uncached"], rel=0.03)  # speeds are printed to 0.1
-    # the split of a cached step: the encoders take no time at all when the cache is on
-    split = re.search(r"training cached.*\((.*)\)", out).group(1)
-    assert {"data", "encoders", "unet", "optimizer"} <= set(re.findall(r"(\w+) [\d.]+%", split))
-    assert "encoders 0.0%" in split
+    # the split of a step: with the cache on the encoders do not run (what is left, under 2%, is the timer's own
+    # microseconds, which a busy machine can stretch to 0.1%); without it they encode every batch
+    splits = dict(re.findall(r"training (cached|uncached).*\((.*)\)", out))
+    assert {"data", "encoders", "unet", "optimizer"} <= set(re.findall(r"(\w+) [\d.]+%", splits["cached"]))
+    encoders = {kind: float(re.search(r"encoders ([\d.]+)%", split).group(1)) for kind, split in splits.items()}
+    assert encoders["cached"] < 2 < encoders["uncached"], encoders
     assert re.search(r"UNet parameters: [\d,]+", out)
     rows = re.findall(r"batch\s+(\d+): batched CFG\s+([\d.]+) images/s, two calls\s+([\d.]+) images/s, ratio ([\d.]+)x",
                       out)
