@@ -257,8 +257,8 @@ def _tiny() -> Config:
     # place 100/100/98%, all four 98/94/95%, colour+shape 98/95/97%. Captions dropped 5% of the time instead of 10%:
     # colour+shape 95.8/96.4/88.7% -> 98.8/97.6/92.3% at 3,000 steps on one host, 74/77/80% -> 80/79/80% at 1,500
     # (README, "What make demo does" and "Timesteps, initialisation and caption dropout"). Text noise 0.2 instead of
-    # 0.4: over seeds 0-4 colour+shape 95.8-98.8% (spread 3.0) against 92.3-98.8% (6.6; seed 2 drew small stars
-    # as triangles), place 97.5-100% (README, "Text noise over five seeds").
+    # 0.4: over seeds 0-5 colour+shape 95.8-98.8% (spread 3.0) against 92.3-98.8% (6.5; seed 2 drew small stars
+    # as triangles), place 97.5-100% against 95-100% (README, "Text noise, seed by seed").
     return apply_overrides(Config(preset="tiny"), batch_size=16, max_steps=3000, mixed_precision="no",
                            guidance_scale=2.0, timestep_sampling="logit_normal", timestep_mean=1.5,
                            add_token_embeddings=True, text_noise=0.2, cond_drop_prob=0.05)
