@@ -38,7 +38,7 @@ from hw6utils.models import autocast, count_params, to_device  # noqa: E402
 from hw6utils.pipeline import (cpu_conv_backend, denoising_timesteps, guided_noise_pred, onednn_off,  # noqa: E402
                                unet_kwargs)
 from hw6utils.sampling import generate_images, generators, inference_dtype, load_model, make_sampler  # noqa: E402
-from hw6utils.training import (diffusion_loss, get_batch, image_batches, make_noise_scheduler, noise_draws, pick_device,  # noqa: E402
+from hw6utils.training import (diffusion_loss, image_batches, make_noise_scheduler, noise_draws, pick_device,  # noqa: E402
                                prepare_data, setup_unet, step_report)
 
 # dense bf16 (fp16 on T4) by device-name substring, the first match wins: the PCIe and NVL H100s are slower
@@ -104,18 +104,18 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
     ones (train reads the GPU once per step); the synchronised phases add up the CPU's launch time as well.
     """
     generator = torch.Generator().manual_seed(0)
-    null_text = {k: v.to(device) for k, v in prepared["null_text"].items()}
+    null_text = {k: v.to(device) for k, v in prepared.null_text.items()}
 
     def draw():  # cached: latents and text ready to use; uncached: images and captions from the DataLoader
-        return next(prepared["batches"]) if "dataset" in prepared else get_batch(prepared, cfg, generator, device)
+        return next(prepared.batches) if prepared.dataset is not None else prepared.batch(cfg, generator, device)
 
     def encode(drawn):  # uncached: both frozen encoders on every step, as the course's script ran them
-        if "dataset" not in prepared:
+        if prepared.dataset is None:
             return drawn
         images, captions = drawn
-        mean, std = encode_posterior(prepared["vae"], images)
+        mean, std = encode_posterior(prepared.vae, images)
         z = mean + std * to_device(torch.randn(mean.shape, generator=generator), device)
-        return scale_latents(prepared["vae"], z), prepared["encode"](list(captions))
+        return scale_latents(prepared.vae, z), prepared.encode(list(captions))
 
     def loss_backward(latents, text):
         drop, noise, timesteps = (to_device(x, device) for x in noise_draws(cfg, latents.shape, generator))
@@ -212,8 +212,8 @@ def main(argv=None) -> None:
         run_cfg = apply_overrides(cfg, cache_latents=cached)
         prepared = prepare_data(run_cfg, device)
         if not cached:
-            prepared["batches"] = image_batches(prepared["dataset"], run_cfg, device)
-        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
+            prepared.batches = image_batches(prepared.dataset, run_cfg, device)
+        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared.text_model), device)
         seconds, split = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
                                           args.train_steps, warmup=20 if run_cfg.train.compile else 2)
         total = sum(split.values())
@@ -234,11 +234,11 @@ def main(argv=None) -> None:
 
     unet.eval()
     scheduler = make_sampler(make_noise_scheduler(cfg).config)
-    text = prepared["encode"](["A red circle. It is big and sits in the middle."])
+    text = prepared.encode(["A red circle. It is big and sits in the middle."])
 
     def cfg_rows(label, conv_backend=cpu_conv_backend):
         for batch in [int(b) for b in args.batches.split(",")]:
-            one, two = (sampling_images_per_s(unet, scheduler, text, prepared["null_text"], batch, args.sample_steps,
+            one, two = (sampling_images_per_s(unet, scheduler, text, prepared.null_text, batch, args.sample_steps,
                                               device, batched, conv_backend) for batched in (True, False))
             print(f"{label}, batch {batch:3d}: batched CFG {one:7.2f} images/s, two calls {two:7.2f} images/s, "
                   f"ratio {one / two:.2f}x")
@@ -292,7 +292,7 @@ def time_flags(cfg, prepared, device, args) -> None:
              if p != cfg.train.mixed_precision]
     base = None
     for label, run_cfg in runs:
-        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared["text_model"]), device)
+        unet, model, optimizer = setup_unet(run_cfg, text_hidden_size(prepared.text_model), device)
         seconds, _ = train_step_split(run_cfg, prepared, model, optimizer, make_noise_scheduler(run_cfg), device,
                                       args.train_steps, warmup=20 if run_cfg.train.compile else 2)
         speed = run_cfg.train.batch_size / seconds

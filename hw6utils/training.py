@@ -12,6 +12,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_name, ema_weights, list_checkpoints, read_best, save_checkpoint
 from .config import Config, apply_overrides, load_config
-from .data import (ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path, load_course_data,
-                   load_images, mirror_caption, write_json_atomic)
+from .data import (CourseData, ImageCaptionDataset, ensure_data, ensure_writable_dir, free_timestamped_path,
+                   load_course_data, load_images, mirror_caption, write_json_atomic)
 from .encoders import (encode_posterior, encode_text, load_text_encoder, load_vae, scale_latents,
                        text_hidden_size)
 from .evaluation import image_grid, plot_history, training_scorer
@@ -75,12 +76,58 @@ def make_noise_scheduler(cfg: Config):
                          prediction_type=cfg.train.prediction_type, clip_sample=False)
 
 
-def prepare_data(cfg: Config, device):
-    """Load the data and both frozen encoders; with cache_latents, encode every image and caption once.
+@dataclass
+class Prepared:
+    """What training draws its batches from (`prepare_data` makes it): the data, both frozen encoders, the empty
+    prompt's conditioning, and either the cache (every image's posterior and every caption encoded once) or, with
+    cache_latents off, the raw images, read by `batches` and encoded at every step as the course's script did."""
+    data: CourseData
+    tokenizer: object
+    text_model: torch.nn.Module
+    vae: torch.nn.Module
+    encode: Callable[[list], dict]       # prompts -> text conditioning ({"emb", "mask", "pooled"}), as configured
+    null_text: dict                      # encode([""]): what a dropped caption becomes
+    latent_mean: torch.Tensor | None = None  # cached: (views, N, C, h, w) posterior mean; view 1 = the flipped copy
+    latent_std: torch.Tensor | None = None
+    text_table: dict | None = None       # cached: every unique caption encoded, one row each
+    caption_ids: list | None = None      # cached: [view][image] -> rows of text_table of its captions
+    dataset: ImageCaptionDataset | None = None  # uncached: the images and captions...
+    batches: Iterator | None = None      # ...and their endless micro-batches (image_batches; start_or_resume sets it)
 
-    Returns a dict with the encoders, the null (empty-prompt) conditioning and either the cached tensors
-    (posterior mean/std per image, every unique caption encoded) or a DataLoader of raw images.
-    """
+    def batch(self, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> tuple:
+        """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict).
+
+        shard = (rank, world size): under torchrun every process draws the randomness of the whole global
+        micro-batch (B x world) and keeps its own slice, so N processes see exactly what one process would.
+        """
+        full, keep = shard_rows(cfg.train.batch_size, shard)
+        if self.dataset is not None:
+            images, captions = next(self.batches)
+            mean, std = encode_posterior(self.vae, images)  # on the VAE's device
+            z = mean + std * to_device(torch.randn((full, *mean.shape[1:]), generator=generator)[keep], mean.device)
+            text = {k: v.to(device) for k, v in self.encode(list(captions)).items()}
+            return scale_latents(self.vae, z).to(device), text
+        mean, std = self.latent_mean, self.latent_std
+        # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU, and
+        # to_device copies them there without making the CPU wait for the GPU
+        idx = torch.randint(mean.shape[1], (full,), generator=generator)[keep]
+        view = torch.randint(mean.shape[0], (full,), generator=generator)[keep]  # 1 = the flipped copy
+        eps = torch.randn((full, *mean.shape[2:]), generator=generator)[keep]
+        # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
+        on = mean.device
+        pick = (to_device(view, on), to_device(idx, on))
+        z = mean[pick] + std[pick] * to_device(eps, on)
+        # one caption per image, drawn afresh among its key's given descriptions (mirrored for a flipped copy)
+        choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
+        options = [self.caption_ids[v][i] for v, i in zip(view.tolist(), idx.tolist())]
+        caption_ids = torch.tensor([ids[c % len(ids)] for ids, c in zip(options, choice)])
+        caption_ids = to_device(caption_ids, on)
+        text = {k: v[caption_ids].to(device) for k, v in self.text_table.items()}
+        return scale_latents(self.vae, z.to(device)), text
+
+
+def prepare_data(cfg: Config, device) -> Prepared:
+    """Load the data and both frozen encoders; with cache_latents, encode every image and caption once."""
     data = load_course_data(ensure_data(cfg))
     tokenizer, text_model = load_text_encoder(cfg.encoders.text_encoder, device)
     check_text_hidden_size(cfg, text_hidden_size(text_model))  # fails before any encoding on a size mismatch
@@ -94,11 +141,9 @@ def prepare_data(cfg: Config, device):
         e = cfg.encoders
         return encode_text(tokenizer, text_model, prompts, e.max_text_len, e.text_mask, e.add_token_embeddings)
 
-    out = {"data": data, "tokenizer": tokenizer, "text_model": text_model, "vae": vae, "encode": encode,
-           "null_text": encode([""])}
+    out = Prepared(data, tokenizer, text_model, vae, encode, null_text=encode([""]))
     if not cfg.train.cache_latents:
-        out["dataset"] = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed,
-                                             cfg.data.image_prep)
+        out.dataset = ImageCaptionDataset(data, cfg.data.image_size, cfg.data.flip, cfg.train.seed, cfg.data.image_prep)
         return out
     start = time.time()
     latent_mean, latent_std = cache_latents(data, vae, cfg)
@@ -108,10 +153,10 @@ def prepare_data(cfg: Config, device):
     text_table = cache_captions(unique, encode, text_model, cfg)
     # on a GPU the whole cache lives in GPU memory (the course set: ~1.4 GB of latents), so a batch is one gather
     keep_on = device if torch.device(device).type == "cuda" else "cpu"
-    out.update(latent_mean=latent_mean.to(keep_on), latent_std=latent_std.to(keep_on),
-               text_table={k: v.to(keep_on) for k, v in text_table.items()},
-               caption_ids=[[[index[view(c)] for c in data.captions[key]] for key in data.image_keys]
-                            for view in views])  # [view][image] -> ids of its captions
+    out.latent_mean, out.latent_std = latent_mean.to(keep_on), latent_std.to(keep_on)
+    out.text_table = {k: v.to(keep_on) for k, v in text_table.items()}
+    out.caption_ids = [[[index[view(c)] for c in data.captions[key]] for key in data.image_keys]
+                       for view in views]  # [view][image] -> ids of its captions
     print(f"{len(data)} latents x{latent_mean.shape[0]} and {len(unique)} captions ready in {time.time() - start:.1f}s")
     return out
 
@@ -237,38 +282,6 @@ def shard_rows(batch: int, shard: tuple) -> tuple:
     return batch * world, slice(rank * batch, (rank + 1) * batch)
 
 
-def get_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)):
-    """One micro-batch: (latents (B, C, h, w) scaled to unit variance, text conditioning dict).
-
-    shard = (rank, world size): under torchrun every process draws the randomness of the whole global
-    micro-batch (B x world) and keeps its own slice, so N processes see exactly what one process would.
-    """
-    full, keep = shard_rows(cfg.train.batch_size, shard)
-    if "dataset" in prepared:
-        images, captions = next(prepared["batches"])
-        mean, std = encode_posterior(prepared["vae"], images)  # on the VAE's device
-        z = mean + std * to_device(torch.randn((full, *mean.shape[1:]), generator=generator)[keep], mean.device)
-        text = {k: v.to(device) for k, v in prepared["encode"](list(captions)).items()}
-        return scale_latents(prepared["vae"], z).to(device), text
-    mean, std = prepared["latent_mean"], prepared["latent_std"]
-    # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU, and
-    # to_device copies them there without making the CPU wait for the GPU
-    idx = torch.randint(mean.shape[1], (full,), generator=generator)[keep]
-    view = torch.randint(mean.shape[0], (full,), generator=generator)[keep]  # 1 = the flipped copy
-    eps = torch.randn((full, *mean.shape[2:]), generator=generator)[keep]
-    # z ~ q(z | x): a fresh draw from the frozen encoder's posterior each time the image is used
-    on = mean.device
-    pick = (to_device(view, on), to_device(idx, on))
-    z = mean[pick] + std[pick] * to_device(eps, on)
-    # one caption per image, drawn afresh among its key's given descriptions (mirrored for a flipped copy)
-    choice = torch.randint(1 << 30, (full,), generator=generator)[keep].tolist()
-    options = [prepared["caption_ids"][v][i] for v, i in zip(view.tolist(), idx.tolist())]
-    caption_ids = torch.tensor([ids[c % len(ids)] for ids, c in zip(options, choice)])
-    caption_ids = to_device(caption_ids, on)
-    text = {k: v[caption_ids].to(device) for k, v in prepared["text_table"].items()}
-    return scale_latents(prepared["vae"], z.to(device)), text
-
-
 def image_batches(dataset, cfg: Config, device, start: int = 0, shard: tuple = (0, 1)):
     """Endless (images, captions) micro-batches for training without the cache, read by a DataLoader.
 
@@ -392,7 +405,7 @@ def holding_output_dir(train_fn):
 class Run:
     """Everything one training run holds: what `start_or_resume` builds and the loop of `train` reads."""
     cfg: Config
-    prepared: dict              # data, encoders and (cached) latents: prepare_data's
+    prepared: Prepared          # data, encoders and (cached) latents: prepare_data's
     rank: int                   # this process under torchrun (0 of 1 without it)
     world: int
     device: torch.device
@@ -418,7 +431,7 @@ class Run:
 
 
 @holding_output_dir
-def train(cfg: Config, prepared: dict | None = None, progress: bool = True, reserve_steps: int = 0) -> list:
+def train(cfg: Config, prepared: Prepared | None = None, progress: bool = True, reserve_steps: int = 0) -> list:
     """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
 
     Runs as one process, or as N under `torchrun --nproc_per_node N` (DistributedDataParallel): the global
@@ -477,7 +490,7 @@ def train(cfg: Config, prepared: dict | None = None, progress: bool = True, rese
     return run.history
 
 
-def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
+def start_or_resume(cfg: Config, prepared: Prepared | None = None) -> Run:
     """A run at step 0 (an earlier run's files moved aside), or resumed from cfg.train.ckpt_path with everything its
     checkpoint saved: weights, EMA, optimizer, schedule, random state, history."""
     t = cfg.train
@@ -491,12 +504,12 @@ def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
             ensure_data(cfg)
         dist.barrier()
     prepared = prepared or prepare_data(cfg, device)
-    unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared["text_model"]), device)
+    unet, model, optimizer = setup_unet(cfg, text_hidden_size(prepared.text_model), device)
     # foreach: the EMA update is two fused kernels over all weights rather than three per weight tensor
     ema = EMAModel(unet.parameters(), decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     run = Run(cfg, prepared, rank, world, device, out_dir, unet, model, optimizer, lr_schedule(optimizer, t), ema,
               grad_scaler(device, t.mixed_precision), make_noise_scheduler(cfg), torch.Generator().manual_seed(t.seed),
-              {k: v.to(device) for k, v in prepared["null_text"].items()},
+              {k: v.to(device) for k, v in prepared.null_text.items()},
               training_scorer(cfg) if main_process else None,  # loads its networks now: a missing file fails early
               0, [], [], resolve_resume(t.ckpt_path, out_dir) if t.ckpt_path else None)
     if run.resume_from is not None:
@@ -517,13 +530,13 @@ def start_or_resume(cfg: Config, prepared: dict | None = None) -> Run:
                 truncate_csv(log, run.start_step)
     elif main_process:
         archive_previous_run(out_dir)
-    if "dataset" in prepared:
-        prepared["batches"] = image_batches(prepared["dataset"], cfg, device, run.start_step * t.grad_accum, (rank, world))
+    if prepared.dataset is not None:
+        prepared.batches = image_batches(prepared.dataset, cfg, device, run.start_step * t.grad_accum, (rank, world))
     if world > 1:  # averages gradients across processes during backward
         run.model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if main_process:
-        print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared['data'])} images, "
+        print(f"training {cfg.preset}: UNet {count_params(unet) / 1e6:.2f}M params, {len(prepared.data)} images, "
               f"effective batch {t.batch_size} x {t.grad_accum}" + (f" x {world} processes" if world > 1 else "") +
               f" = {t.batch_size * t.grad_accum * world}, steps {run.start_step} -> {t.max_steps}, "
               f"{precision_text(device, t.mixed_precision)} on {device}")
@@ -627,10 +640,10 @@ def kept_checkpoint(out_dir: Path) -> str:
     return f"the last checkpoint, {found[-1]}, is kept" if found else "no checkpoint was saved yet"
 
 
-def sampling_model(cfg: Config, unet, schedule_config, prepared: dict, path) -> LoadedModel:
+def sampling_model(cfg: Config, unet, schedule_config, prepared: Prepared, path) -> LoadedModel:
     """The UNet being trained (or benchmarked) in a pipeline with its schedule's sampler and the loaded encoders,
     ready for `generate_images`."""
-    pipe = build_pipeline(cfg, unet, prepared["vae"], prepared["tokenizer"], prepared["text_model"], schedule_config,
+    pipe = build_pipeline(cfg, unet, prepared.vae, prepared.tokenizer, prepared.text_model, schedule_config,
                           cfg.sample.sampler)
     return LoadedModel(pipe, cfg, Path(path))
 
@@ -652,11 +665,11 @@ def score_checkpoint(scorer, unet, ema, noise_scheduler, prepared, cfg: Config, 
     return None
 
 
-def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> dict:
-    """Every random draw of one micro-batch, in one place: x_0 ~ q(x_0) and its caption (get_batch), then which
+def draw_batch(prepared: Prepared, cfg: Config, generator: torch.Generator, device, shard: tuple = (0, 1)) -> dict:
+    """Every random draw of one micro-batch, in one place: x_0 ~ q(x_0) and its caption (Prepared.batch), then which
     captions are dropped, eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}) (or timestep_sampling's density; noise_draws),
     and with text_noise the jitter of the caption's token states. All come from `generator`."""
-    latents, text = get_batch(prepared, cfg, generator, device, shard)
+    latents, text = prepared.batch(cfg, generator, device, shard)
     drop, noise, timesteps = noise_draws(cfg, latents.shape, generator, shard)
     on = latents.device
     if cfg.train.text_noise > 0:  # jittered token states (NEFTune, Jain et al. 2023): an unseen word near a known one
@@ -670,7 +683,7 @@ def draw_batch(prepared: dict, cfg: Config, generator: torch.Generator, device, 
 
 def noise_draws(cfg: Config, latent_shape, generator: torch.Generator, shard: tuple = (0, 1)) -> tuple:
     """(drop, noise, timesteps) for a micro-batch of latents of latent_shape, on the CPU. shard = (rank, world size):
-    as in get_batch, draw for the global batch and keep this process's slice."""
+    as in Prepared.batch, draw for the global batch and keep this process's slice."""
     batch = latent_shape[0]
     full, keep = shard_rows(batch, shard)
     drop = torch.rand(full, generator=generator)[keep] < cfg.train.cond_drop_prob
@@ -749,11 +762,11 @@ def append_csv(path: Path, record: dict) -> None:
         writer.writerow(record)
 
 
-def preview_prompts(prepared: dict, count: int = 8) -> list:
+def preview_prompts(prepared: Prepared, count: int = 8) -> list:
     """Fixed prompts for the training previews: the first captions of evenly spaced keys."""
-    keys = sorted(prepared["data"].captions)
+    keys = sorted(prepared.data.captions)
     step = max(len(keys) // count, 1)
-    return [prepared["data"].captions[k][0] for k in keys[::step][:count]]
+    return [prepared.data.captions[k][0] for k in keys[::step][:count]]
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,13 +41,13 @@ def test_training_encodes_captions_as_the_pipeline_does(smoke_cfg):
     from hw6utils.pipeline import encode_prompt
     cfg = apply_overrides(smoke_cfg, add_token_embeddings=True)
     prepared = prepare_data(cfg, pick_device("cpu"))
-    caption = prepared["data"].captions[prepared["data"].image_keys[0]][0]
-    row = prepared["caption_ids"][0][0][0]
-    expected = encode_prompt(prepared["tokenizer"], prepared["text_model"], [caption, ""], cfg.encoders.max_text_len,
+    caption = prepared.data.captions[prepared.data.image_keys[0]][0]
+    row = prepared.caption_ids[0][0][0]
+    expected = encode_prompt(prepared.tokenizer, prepared.text_model, [caption, ""], cfg.encoders.max_text_len,
                              add_token_embeddings=True)
-    torch.testing.assert_close(prepared["text_table"]["emb"][row], expected["emb"][0])
-    torch.testing.assert_close(prepared["null_text"]["emb"][0], expected["emb"][1])
-    plain = encode_prompt(prepared["tokenizer"], prepared["text_model"], [caption], cfg.encoders.max_text_len)
+    torch.testing.assert_close(prepared.text_table["emb"][row], expected["emb"][0])
+    torch.testing.assert_close(prepared.null_text["emb"][0], expected["emb"][1])
+    plain = encode_prompt(prepared.tokenizer, prepared.text_model, [caption], cfg.encoders.max_text_len)
     assert not torch.allclose(plain["emb"][0], expected["emb"][0])
 
 
@@ -55,24 +56,23 @@ def test_cached_flips_draw_the_mirrored_caption(smoke_cfg):
     left and right swapped; an unflipped one, one of its captions as given."""
     from hw6utils.data import mirror_caption
     from hw6utils.pipeline import latent_shift_scale
-    from hw6utils.training import get_batch
     cfg = apply_overrides(smoke_cfg, flip=True, batch_size=64)
     prepared = prepare_data(cfg, pick_device("cpu"))
-    data, mean = prepared["data"], prepared["latent_mean"]
-    assert len(prepared["caption_ids"]) == mean.shape[0] == 2
+    data, mean = prepared.data, prepared.latent_mean
+    assert len(prepared.caption_ids) == mean.shape[0] == 2
     # every latent of image i in view v (1 = flipped) holds the number 1000 v + i, with no posterior noise
     mark = torch.arange(2)[:, None] * 1000 + torch.arange(mean.shape[1])[None]
-    marked = dict(prepared, latent_mean=mark[..., None, None, None].float().expand_as(mean).contiguous(),
-                  latent_std=torch.zeros_like(prepared["latent_std"]))
-    z, text = get_batch(marked, cfg, torch.Generator().manual_seed(0), "cpu")
-    shift, scale = latent_shift_scale(prepared["vae"])
+    marked = dataclasses.replace(prepared, latent_mean=mark[..., None, None, None].float().expand_as(mean).contiguous(),
+                                 latent_std=torch.zeros_like(prepared.latent_std))
+    z, text = marked.batch(cfg, torch.Generator().manual_seed(0), "cpu")
+    shift, scale = latent_shift_scale(prepared.vae)
     numbers = (z[:, 0, 0, 0] / scale.flatten()[0] + shift.flatten()[0]).round().long().tolist()
     views = []
     for number, emb in zip(numbers, text["emb"]):
         view, i = divmod(number, 1000)
         given = data.captions[data.image_keys[i]]
         expected = [mirror_caption(c) for c in given] if view else given
-        assert any(torch.allclose(prepared["encode"]([c])["emb"][0], emb, atol=1e-5) for c in expected), (view, given)
+        assert any(torch.allclose(prepared.encode([c])["emb"][0], emb, atol=1e-5) for c in expected), (view, given)
         views.append(view)
     assert set(views) == {0, 1}
     flipped_sides = [mirror_caption(c) != c for key in data.image_keys for c in data.captions[key]]
@@ -340,11 +340,11 @@ def test_runs_sharing_a_cache_dir_encode_the_captions_once(smoke_cfg, tmp_path, 
     again = training.prepare_data(apply_overrides(cfg, output_dir=str(tmp_path / "b")), "cpu")  # another run
     assert encoded == [1]  # only the empty prompt: the captions were read back
     for name in ("emb", "mask", "pooled"):
-        assert torch.equal(again["text_table"][name], first["text_table"][name])
-    assert torch.equal(again["latent_mean"], first["latent_mean"])
+        assert torch.equal(again.text_table[name], first.text_table[name])
+    assert torch.equal(again.latent_mean, first.latent_mean)
     other = training.prepare_data(apply_overrides(cfg, add_token_embeddings=True), "cpu")  # other text states
     assert sum(encoded) == 1 + 1 + 600 and len(list((tmp_path / "shared").iterdir())) == 3
-    assert not torch.equal(other["text_table"]["emb"], first["text_table"]["emb"])
+    assert not torch.equal(other.text_table["emb"], first.text_table["emb"])
 
 
 def test_precision_bf16_or_fp16_where_a_gpu_has_no_bf16(monkeypatch):
@@ -467,12 +467,13 @@ def test_text_noise_jitters_the_token_states_only_when_asked_and_shards_alike():
     from types import SimpleNamespace
 
     from hw6utils.config import get_preset
-    from hw6utils.training import draw_batch
+    from hw6utils.training import Prepared, draw_batch
     vae = SimpleNamespace(config=SimpleNamespace(latent_channels=4, latents_mean=None, latents_std=None,
                                                  scaling_factor=1.0, shift_factor=None))
     table = {"emb": torch.randn(3, 5, 8), "mask": torch.ones(3, 5), "pooled": torch.randn(3, 8)}
-    prepared = {"latent_mean": torch.randn(1, 6, 4, 2, 2), "latent_std": torch.ones(1, 6, 4, 2, 2) * 0.1, "vae": vae,
-                "caption_ids": [[[i % 3] for i in range(6)]], "text_table": table}
+    prepared = Prepared(data=None, tokenizer=None, text_model=None, vae=vae, encode=None, null_text={},
+                        latent_mean=torch.randn(1, 6, 4, 2, 2), latent_std=torch.ones(1, 6, 4, 2, 2) * 0.1,
+                        text_table=table, caption_ids=[[[i % 3] for i in range(6)]])
     plain = get_preset("smoke", batch_size=400)
     batch = draw_batch(prepared, plain, torch.Generator().manual_seed(0), "cpu")
     assert all(any(torch.equal(row, states) for states in table["emb"]) for row in batch["text"]["emb"])  # as cached
