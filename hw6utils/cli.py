@@ -485,7 +485,9 @@ def demo(cfg) -> None:
     fitted = load_config(resolve_checkpoint("last", cfg.train.output_dir) / "hw6_config.json").train.max_steps
     if fitted < cfg.train.max_steps:
         print(f"time_budget {cfg.train.time_budget:g} min: {fitted} of the {cfg.train.max_steps} steps asked for fitted on "
-              "this machine; fewer steps make a weaker model than the README's figures")
+              "this machine; fewer steps make a weaker model than the README's figures (its figures by steps: \"The "
+              "demo's recipe at the pace of a slower machine\"); `make demo MINUTES=0`, or `hw6 demo` without "
+              f"--time_budget, trains all {cfg.train.max_steps}")
     print(evaluate_stage(cfg, "last"))
     if (REFERENCE_DIR / "eval.json").is_file():  # scored by `make reference` on the same prompts and seeds (a test
         # checks it against a fresh score): 35 s of generation the demo need not repeat

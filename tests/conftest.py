@@ -51,3 +51,24 @@ def kernels_import_this_checkout(monkeypatch):
     """Put this checkout first on PYTHONPATH, so that notebook kernels and subprocesses import its hw6utils, also
     where it is not pip-installed."""
     monkeypatch.setenv("PYTHONPATH", pythonpath_with_checkout())
+
+
+@pytest.fixture
+def training_clock(monkeypatch):
+    """training_clock(seconds): training's clock (time.time, which time_budget reads) moves that many seconds with
+    every optimizer step and not otherwise, so a budget binds at a known step."""
+    import time
+    import types
+
+    from hw6utils import training
+
+    def set_pace(seconds_per_step: float) -> None:
+        clock = [0.0]
+        monkeypatch.setattr(training, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+        step = training.optimizer_step
+
+        def timed_step(run):
+            clock[0] += seconds_per_step
+            return step(run)
+        monkeypatch.setattr(training, "optimizer_step", timed_step)
+    return set_pace

@@ -285,20 +285,25 @@ def test_a_warning_during_a_progress_bar_gets_a_line_of_its_own(monkeypatch, cap
     assert at == 0 or err[at - 1] in "\r\n", repr(err)
 
 
-def test_demo_trains_scores_its_model_and_prints_the_references_stored_figures(smoke_cfg, capsys):
-    """`hw6 demo` scores its own model and prints the reference's figures from data/reference/eval.json (what
-    `make reference` scored; tests/test_reference.py checks them against a fresh score) instead of generating
-    the 168 images again."""
+def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_references_stored_figures(smoke_cfg,
+                                                                                                training_clock, capsys):
+    """`hw6 demo --time_budget` trains the steps that fit and says how to train them all; it scores its own model and
+    prints the reference's figures from data/reference/eval.json (what `make reference` scored; tests/test_reference.py
+    checks them against a fresh score) instead of generating the 168 images again. At 1 s a step a 1-minute budget fits
+    no more steps than the 20 after which it is first checked (the demo keeps 350 steps' worth for its scoring)."""
     import json
     from pathlib import Path
 
     from hw6utils.config import REFERENCE_DIR
-    common = ["--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
-              "--output_dir", smoke_cfg.train.output_dir, "--cache_dir", smoke_cfg.train.cache_dir, "--eval_freq", "0", "--num_inference_steps", "2"]
-    assert main(["demo", *common]) == 0
+    training_clock(1.0)
+    assert main(["demo", "--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
+                 "--output_dir", smoke_cfg.train.output_dir, "--cache_dir", smoke_cfg.train.cache_dir, "--eval_freq", "0",
+                 "--num_inference_steps", "2", "--max_steps", "100", "--time_budget", "1"]) == 0
     out = capsys.readouterr().out
+    assert "time_budget 1 min: 20 of the 100 steps asked for fitted on this machine" in out
+    assert "`make demo MINUTES=0`, or `hw6 demo` without --time_budget, trains all 100" in out
+    assert "20 (guidance" in out and (Path(smoke_cfg.train.output_dir) / "eval_20.json").is_file()  # its own model
     stored = json.loads((REFERENCE_DIR / "eval.json").read_text())
-    assert "4 (guidance" in out and (Path(smoke_cfg.train.output_dir) / "eval_4.json").is_file()  # its own model
     assert f"reference (as scored by `make reference`; `hw6 evaluate --stage reference` scores it again): " \
            f"colour+shape {stored['colour_shape']:.0%} of 168 prompts" in out
     assert not (Path(smoke_cfg.train.output_dir) / "eval_reference.json").exists()  # not generated again

@@ -142,24 +142,13 @@ def test_resume_with_fewer_max_steps_says_where_the_schedule_now_is(smoke_cfg, c
            f"{cfg.train.lr / 4:.3g}" in out
 
 
-def run_on_a_clock(monkeypatch, cfg, prepared, seconds_per_step: float, reserve_steps: int = 0) -> list:
+def run_on_a_clock(training_clock, cfg, prepared, seconds_per_step: float, reserve_steps: int = 0) -> list:
     """train() with training's clock replaced by one that moves seconds_per_step with every optimizer step."""
-    import time
-    import types
-
-    from hw6utils import training
-    clock = [0.0]
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
-    step = training.optimizer_step
-
-    def timed_step(run):
-        clock[0] += seconds_per_step
-        return step(run)
-    monkeypatch.setattr(training, "optimizer_step", timed_step)
+    training_clock(seconds_per_step)
     return train(cfg, prepared, progress=False, reserve_steps=reserve_steps)
 
 
-def test_time_budget_ends_the_run_and_its_schedule_at_the_steps_that_fit(smoke_cfg, monkeypatch, capsys):
+def test_time_budget_ends_the_run_and_its_schedule_at_the_steps_that_fit(smoke_cfg, training_clock, capsys):
     """At 1 s a step, a 1-minute budget with 10 steps' worth kept free fits 50 of the 200 steps asked: the run
     stops at step 50, saves it with max_steps 50 in its config, and its cosine schedule ends there (the last step
     runs at the rate of step index 49 of 50, not of 200)."""
@@ -168,7 +157,7 @@ def test_time_budget_ends_the_run_and_its_schedule_at_the_steps_that_fit(smoke_c
     from hw6utils.config import load_config
     cfg = apply_overrides(smoke_cfg, max_steps=200, time_budget=1.0, batch_size=4, log_freq=1, eval_freq=0,
                           save_freq=1000, warmup_steps=2, lr_schedule="cosine")
-    history = run_on_a_clock(monkeypatch, cfg, prepare_data(cfg, pick_device("cpu")), 1.0, reserve_steps=10)
+    history = run_on_a_clock(training_clock, cfg, prepare_data(cfg, pick_device("cpu")), 1.0, reserve_steps=10)
     assert history[-1]["step"] == 50
     ckpt = Path(cfg.train.output_dir) / "ckpt_last" / "unet_sch_50"
     assert load_config(ckpt / "hw6_config.json").train.max_steps == 50
@@ -180,11 +169,11 @@ def test_time_budget_ends_the_run_and_its_schedule_at_the_steps_that_fit(smoke_c
     assert "time_budget 1 min: at 1.0 steps/s, training ends at step 50 of 200" in capsys.readouterr().out
 
 
-def test_a_time_budget_that_is_not_reached_changes_nothing(smoke_cfg, monkeypatch):
+def test_a_time_budget_that_is_not_reached_changes_nothing(smoke_cfg, training_clock):
     cfg = apply_overrides(smoke_cfg, max_steps=30, batch_size=4, log_freq=1, eval_freq=0, save_freq=1000)
     prepared = prepare_data(cfg, pick_device("cpu"))
     plain = train(cfg, prepared, progress=False)
-    budgeted = run_on_a_clock(monkeypatch, apply_overrides(cfg, output_dir=cfg.train.output_dir + "_b", time_budget=1.0),
+    budgeted = run_on_a_clock(training_clock, apply_overrides(cfg, output_dir=cfg.train.output_dir + "_b", time_budget=1.0),
                               prepared, 1.0)
     assert [h["step"] for h in budgeted] == list(range(1, 31))
     for key in ("loss", "lr"):
