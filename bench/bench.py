@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hw6utils.config import REFERENCE_DIR, apply_overrides, get_preset  # noqa: E402
-from hw6utils.encoders import encode_posterior, scale_latents, text_hidden_size  # noqa: E402
+from hw6utils.encoders import text_hidden_size  # noqa: E402
 from hw6utils.models import autocast, count_params, to_device  # noqa: E402
 from hw6utils.pipeline import (cpu_conv_backend, denoising_timesteps, guided_noise_pred, onednn_off,  # noqa: E402
                                unet_kwargs)
@@ -110,12 +110,7 @@ def train_step_split(cfg, prepared, unet, optimizer, noise_scheduler, device, st
         return next(prepared.batches) if prepared.dataset is not None else prepared.batch(cfg, generator, device)
 
     def encode(drawn):  # uncached: both frozen encoders on every step, as the course's script ran them
-        if prepared.dataset is None:
-            return drawn
-        images, captions = drawn
-        mean, std = encode_posterior(prepared.vae, images)
-        z = mean + std * to_device(torch.randn(mean.shape, generator=generator), device)
-        return scale_latents(prepared.vae, z), prepared.encode(list(captions))
+        return drawn if prepared.dataset is None else prepared.encode_batch(cfg, *drawn, generator, device)
 
     def loss_backward(latents, text):
         drop, noise, timesteps = (to_device(x, device) for x in noise_draws(cfg, latents.shape, generator))

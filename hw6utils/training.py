@@ -100,13 +100,9 @@ class Prepared:
         shard = (rank, world size): under torchrun every process draws the randomness of the whole global
         micro-batch (B x world) and keeps its own slice, so N processes see exactly what one process would.
         """
-        full, keep = shard_rows(cfg.train.batch_size, shard)
         if self.dataset is not None:
-            images, captions = next(self.batches)
-            mean, std = encode_posterior(self.vae, images)  # on the VAE's device
-            z = mean + std * to_device(torch.randn((full, *mean.shape[1:]), generator=generator)[keep], mean.device)
-            text = {k: v.to(device) for k, v in self.encode(list(captions)).items()}
-            return scale_latents(self.vae, z).to(device), text
+            return self.encode_batch(cfg, *next(self.batches), generator, device, shard)
+        full, keep = shard_rows(cfg.train.batch_size, shard)
         mean, std = self.latent_mean, self.latent_std
         # the draws come from the CPU generator (reproducible anywhere); the cache may live on the GPU, and
         # to_device copies them there without making the CPU wait for the GPU
@@ -124,6 +120,16 @@ class Prepared:
         caption_ids = to_device(caption_ids, on)
         text = {k: v[caption_ids].to(device) for k, v in self.text_table.items()}
         return scale_latents(self.vae, z.to(device)), text
+
+    def encode_batch(self, cfg: Config, images, captions, generator: torch.Generator, device,
+                     shard: tuple = (0, 1)) -> tuple:
+        """Uncached: both frozen encoders on one drawn micro-batch of images and captions, as the course's script
+        ran them at every step; returns what `batch` does."""
+        full, keep = shard_rows(cfg.train.batch_size, shard)
+        mean, std = encode_posterior(self.vae, images)  # on the VAE's device
+        z = mean + std * to_device(torch.randn((full, *mean.shape[1:]), generator=generator)[keep], mean.device)
+        text = {k: v.to(device) for k, v in self.encode(list(captions)).items()}
+        return scale_latents(self.vae, z).to(device), text
 
 
 def prepare_data(cfg: Config, device) -> Prepared:
