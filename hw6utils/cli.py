@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(prompts from --test_json, default <data_dir>/test.json)")
             add_scorer_flags(course, required=False)
         add_config_flags(p, name)  # after the command's own options, so that --help shows those first
+        p.set_defaults(func=CONFIG_RUNNERS[name])
     nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
                          description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")
     nbs.add_argument("names", nargs="*", help="notebooks to run, e.g. 01_data (default: all, in order)")
@@ -153,14 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     nbs.add_argument("--out_dir", default="outputs/notebooks", help="executed copies [outputs/notebooks]")
     nbs.add_argument("--cwd", default="notebooks", help="folder of the notebooks [notebooks]")
     nbs.add_argument("--timeout", type=float, default=None, help="seconds per cell [no limit]")
+    nbs.set_defaults(func=cmd_run_notebooks)
     score = sub.add_parser("score", help="FID, CLIP-T and CLIP-I of a folder of PNGs, as the course scored them")
     score.add_argument("images", help="folder with one 256x256 PNG per test.json entry")
     add_scorer_flags(score)
     score.add_argument("--out", default=None, help="JSON of the scores [<images>_scores.json]")
+    score.set_defaults(func=cmd_score)
     stats = sub.add_parser("stats", help="write test_mu.npy/test_sigma.npy of a folder of images (FID reference)")
     stats.add_argument("images", help="folder of PNGs")
     stats.add_argument("--out", required=True, help="destination folder")
     stats.add_argument("--inception", default=None, help=INCEPTION_HELP)
+    stats.set_defaults(func=cmd_stats)
     pack = sub.add_parser("package", help="check the images as the scorer will and write the course zip hw6_<ID>.zip")
     pack.add_argument("--student-id", required=True, help="your student id (letters, digits, '-', '_')")
     pack.add_argument("--images", required=True, help="folder with one 256x256 PNG per test.json entry")
@@ -168,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--report", default=None, help="your report (PDF), added at the top of the zip")
     pack.add_argument("--model-note", default="", help="where the trained model lives (a link), written to MODEL.md")
     pack.add_argument("--out", default=".", help="folder for the zip [.]")
+    pack.set_defaults(func=cmd_package)
     grade = sub.add_parser("grade", help="rerun each submission's notebooks in a sandbox, score its results/, "
                            "rank by FID")
     grade.add_argument("submissions", help="folder of submission folders (e.g. unzipped hw6_<ID>/)")
@@ -201,10 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--autograder", default=None, metavar="DIR",
                        help="also grade the exercises with these otter autograders (hw6 assign's dist/autograder), in "
                             "the sandbox: a column per exercise and ex_total (needs pip install -e .[course])")
+    grade.set_defaults(func=cmd_grade)
     edition = sub.add_parser("assign", help="write the student edition (exercises without solutions) and the "
                              "autograders with otter-grader (pip install -e .[course])")
     edition.add_argument("--out", default="dist", help="destination folder; its student/ and autograder/ are "
                          "replaced [dist]")
+    edition.set_defaults(func=cmd_assign)
     data = sub.add_parser("data", help="build an embedded data set in the course format")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="the coloured-shapes set (deterministic from a seed)")
@@ -212,16 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--frames", type=int, default=50, help="jittered frames per object-action [50]")
     shapes.add_argument("--seed", type=int, default=0, help="seed [0]")
     shapes.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
+    shapes.set_defaults(func=cmd_data_shapes)
     check = data_sub.add_parser("check", help="counts, problems and caption lengths of a course-format folder")
     check.add_argument("dir", help="course-format folder (train/, train_info.json, test.json)")
     check.add_argument("--text_encoder", default="openai/clip-vit-base-patch32",
                        help="tokenizer whose limit is checked (hub id, local path or 'minilm')")
     check.add_argument("--max_text_len", type=int, default=77, help="token limit [77, CLIP's]")
+    check.set_defaults(func=cmd_data_check)
     emoji = data_sub.add_parser("emoji", help="emoji rendered from Debian's fonts-noto-color-emoji, CLDR names as captions")
     emoji.add_argument("--out", default="data/emoji", help="destination folder [data/emoji]")
     emoji.add_argument("--image_size", type=int, default=64, help="image side in pixels [64]")
     emoji.add_argument("--limit", type=int, default=0, help="render only the first N emoji (0 = all)")
     emoji.add_argument("--font", default="", help="path of NotoColorEmoji.ttf (default: Debian's location)")
+    emoji.set_defaults(func=cmd_data_emoji)
     accept_both_spellings(parser)
     return parser
 
@@ -266,89 +276,128 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from . import data as data_mod
-
-    if args.command == "data":
-        if args.dataset == "check":
-            from transformers import AutoTokenizer
-
-            from .encoders import load_failure, resolve_text_encoder
-
-            def load_tokenizer():  # offline, a hub id not in the cache: the report says the token count was skipped
-                try:
-                    return AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
-                except OSError as err:
-                    why = load_failure(args.text_encoder, err, "--text_encoder minilm or a local folder")
-                    raise FileNotFoundError(f"{args.text_encoder}: cannot load the tokenizer: {why}") from None
-            print(json.dumps(data_mod.check_course_data(args.dir, max_text_len=args.max_text_len,
-                                                        load_tokenizer=load_tokenizer), indent=1))
-            return 0
-        if args.dataset == "shapes":
-            out = data_mod.build_shapes_dataset(args.out, args.frames, args.seed, args.image_size)
-        else:
-            out = data_mod.build_emoji_dataset(args.out, args.image_size, args.limit, args.font or None)
-        print(f"wrote {out}")
-        return 0
-    if args.command == "assign":
-        from . import exercises
-        print(f"wrote {exercises.assign(args.out)}")
-        return 0
-    if args.command == "run-notebooks":
-        from .notebooks import run_notebooks
-        run_notebooks(args.names or None, notebook_parameters(args), args.out_dir, args.cwd, args.timeout)
-        return 0
-    if args.command == "grade":
-        from .grading import grade
-        from .sandbox import Limits, check_available
-        from .scoring import load_inception
-        if not args.no_sandbox:
-            check_available(args.gpu)  # before the networks load: one line on why not, and how to fix it
-        limits = Limits(args.time_limit, args.memory_limit, args.process_limit, args.file_size_limit, args.tmp_size)
-        grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
-              args.reference, notebook_parameters(args), args.timeout, args.images, sandbox=not args.no_sandbox,
-              gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read, autograder=args.autograder,
-              jobs=args.jobs)
-        return 0
-    if args.command == "package":
-        from .scoring import package_submission
-        print(f"wrote {package_submission(args.student_id, args.images, args.test_json, args.out, args.report, args.model_note)}")
-        return 0
-    if args.command in ("score", "stats"):
-        from . import scoring
-        if args.command == "score":  # score checks the folder first, then loads the networks
-            scoring.score(args.images, args.test_json, args.stats, args.reference, args.inception, args.clip, args.out)
-        else:
-            paths = scoring.png_files(args.images)
-            extractor = scoring.load_inception(args.inception)
-            print(f"wrote {scoring.save_stats(args.out, *scoring.compute_stats(paths, extractor))}")
-        return 0
-    check_fields_apply(args)
-    cfg = config_from_args(args)
-    if args.command == "train-vae":
-        from .training import train_vae
-        train_vae(cfg)
-    elif args.command == "train":
-        import torch.distributed as dist
-
-        from .training import train
-        train(resume_config(cfg, args) if cfg.train.ckpt_path else cfg)
-        if dist.is_initialized():  # under torchrun: leaving with gloo's threads still up can abort the process
-            dist.destroy_process_group()
-    elif args.command == "generate":
-        from .sampling import generate
-        from .training import pick_device
-        generate(cfg, pick_device(cfg.train.device), args.out)
-    elif args.command == "evaluate":
-        print(evaluate_stage(cfg, cfg.sample.stage))
-    elif args.command == "export":
-        export(cfg, cfg.sample.stage, Path(args.out), fp16=args.fp16)
-    elif args.command == "export-reference":
-        export(cfg, args.from_checkpoint, Path(args.out), reference=True)
-    elif args.command == "demo":
-        demo(cfg)
-    elif args.command == "sweep":
-        print(sweep_stage(cfg, args))
+    """Run the subcommand that parsed the flags: build_parser gives each one its function (set_defaults(func=...))."""
+    args.func(args)
     return 0
+
+
+def config_for(args):
+    """A config command's Config: --preset with the fields given (a field the command does not read is an error)."""
+    check_fields_apply(args)
+    return config_from_args(args)
+
+
+def cmd_train(args) -> None:
+    import torch.distributed as dist
+
+    from .training import train
+    cfg = config_for(args)
+    train(resume_config(cfg, args) if cfg.train.ckpt_path else cfg)
+    if dist.is_initialized():  # under torchrun: leaving with gloo's threads still up can abort the process
+        dist.destroy_process_group()
+
+
+def cmd_train_vae(args) -> None:
+    from .training import train_vae
+    train_vae(config_for(args))
+
+
+def cmd_generate(args) -> None:
+    from .sampling import generate
+    from .training import pick_device
+    cfg = config_for(args)
+    generate(cfg, pick_device(cfg.train.device), args.out)
+
+
+def cmd_evaluate(args) -> None:
+    cfg = config_for(args)
+    print(evaluate_stage(cfg, cfg.sample.stage))
+
+
+def cmd_demo(args) -> None:
+    demo(config_for(args))
+
+
+def cmd_export(args) -> None:
+    cfg = config_for(args)
+    export(cfg, cfg.sample.stage, Path(args.out), fp16=args.fp16)
+
+
+def cmd_export_reference(args) -> None:
+    export(config_for(args), args.from_checkpoint, Path(args.out), reference=True)
+
+
+def cmd_sweep(args) -> None:
+    print(sweep_stage(config_for(args), args))
+
+
+CONFIG_RUNNERS = {"train": cmd_train, "train-vae": cmd_train_vae, "generate": cmd_generate, "evaluate": cmd_evaluate,
+                  "demo": cmd_demo, "export": cmd_export, "export-reference": cmd_export_reference, "sweep": cmd_sweep}
+
+
+def cmd_data_check(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .data import check_course_data
+    from .encoders import load_failure, resolve_text_encoder
+
+    def load_tokenizer():  # offline, a hub id not in the cache: the report says the token count was skipped
+        try:
+            return AutoTokenizer.from_pretrained(resolve_text_encoder(args.text_encoder))
+        except OSError as err:
+            why = load_failure(args.text_encoder, err, "--text_encoder minilm or a local folder")
+            raise FileNotFoundError(f"{args.text_encoder}: cannot load the tokenizer: {why}") from None
+    print(json.dumps(check_course_data(args.dir, max_text_len=args.max_text_len, load_tokenizer=load_tokenizer),
+                     indent=1))
+
+
+def cmd_data_shapes(args) -> None:
+    from .data import build_shapes_dataset
+    print(f"wrote {build_shapes_dataset(args.out, args.frames, args.seed, args.image_size)}")
+
+
+def cmd_data_emoji(args) -> None:
+    from .data import build_emoji_dataset
+    print(f"wrote {build_emoji_dataset(args.out, args.image_size, args.limit, args.font or None)}")
+
+
+def cmd_assign(args) -> None:
+    from .exercises import assign
+    print(f"wrote {assign(args.out)}")
+
+
+def cmd_run_notebooks(args) -> None:
+    from .notebooks import run_notebooks
+    run_notebooks(args.names or None, notebook_parameters(args), args.out_dir, args.cwd, args.timeout)
+
+
+def cmd_grade(args) -> None:
+    from .grading import grade
+    from .sandbox import Limits, check_available
+    from .scoring import load_inception
+    if not args.no_sandbox:
+        check_available(args.gpu)  # before the networks load: one line on why not, and how to fix it
+    limits = Limits(args.time_limit, args.memory_limit, args.process_limit, args.file_size_limit, args.tmp_size)
+    grade(args.submissions, args.out, args.test_json, args.stats, load_inception(args.inception), args.clip,
+          args.reference, notebook_parameters(args), args.timeout, args.images, sandbox=not args.no_sandbox,
+          gpu=args.gpu, limits=limits, resume=args.resume, readable=args.allow_read, autograder=args.autograder,
+          jobs=args.jobs)
+
+
+def cmd_package(args) -> None:
+    from .scoring import package_submission
+    print(f"wrote {package_submission(args.student_id, args.images, args.test_json, args.out, args.report, args.model_note)}")
+
+
+def cmd_score(args) -> None:
+    from .scoring import score  # checks the folder first, then loads the networks
+    score(args.images, args.test_json, args.stats, args.reference, args.inception, args.clip, args.out)
+
+
+def cmd_stats(args) -> None:
+    from .scoring import compute_stats, load_inception, png_files, save_stats
+    paths = png_files(args.images)
+    print(f"wrote {save_stats(args.out, *compute_stats(paths, load_inception(args.inception)))}")
 
 
 def resume_config(cfg, args):

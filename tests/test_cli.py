@@ -27,6 +27,23 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert "nowhere: data folder not found" in err
 
 
+def test_every_subcommand_names_the_function_that_runs_it():
+    import argparse
+
+    def leaves(parser, path=()):  # every runnable command, nested ones (hw6 data shapes) included
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from leaves(child, path + (name,))
+    commands = dict(leaves(build_parser()))
+    assert {"train", "evaluate", "grade", "package", "assign", "run-notebooks"} <= {p[0] for p in commands}
+    assert ("data", "shapes") in commands and ("data", "check") in commands
+    for path, parser in commands.items():
+        assert callable(parser.get_default("func")), " ".join(path)
+
+
 def test_data_shapes_command(tmp_path):
     assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--frames", "1"]) == 0
     assert len(list((tmp_path / "s" / "train").iterdir())) == 200
