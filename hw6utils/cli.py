@@ -9,17 +9,6 @@ from pathlib import Path
 
 from .config import PRESETS, field_help, get_preset, parse_value
 
-CONFIG_COMMANDS = {
-    "train": "train the UNet (resume with --ckpt_path last)",
-    "train-vae": "train the small offline autoencoder",
-    "generate": "generate one PNG per test.json prompt into <output_dir>/png_<reference|step>_<steps>[_dpmpp]/ (or --out)",
-    "evaluate": "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts",
-    "demo": "build the shapes set, train from scratch, and score it beside the reference model",
-    "export": "write a checkpoint (--stage) as a diffusers pipeline folder (--out) that plain diffusers loads",
-    "export-reference": "write a checkpoint as the shipped reference model (a pipeline folder without the text "
-                        "encoder, UNet in fp16); replacing data/reference needs --out data/reference",
-    "sweep": "generate and score a grid of samplers x steps x guidance scales for one checkpoint (--stage)",
-}
 INCEPTION_HELP = ("torchvision's inception_v3 weight file, or a TorchScript feature extractor (images in [-1, 1] -> "
                   "(N, D) features) [default: download torchvision's]")
 
@@ -123,7 +112,7 @@ def config_from_args(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hw6", description="Text-conditional latent diffusion for the hw6 course.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in CONFIG_COMMANDS.items():
+    for name, (function, help_text) in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "export-reference":
             p.add_argument("--from_checkpoint", default="last", help="checkpoint folder, step or 'last' [last]")
@@ -144,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(prompts from --test_json, default <data_dir>/test.json)")
             add_scorer_flags(course, required=False)
         add_config_flags(p, name)  # after the command's own options, so that --help shows those first
-        p.set_defaults(func=CONFIG_RUNNERS[name])
+        p.set_defaults(func=function)
     nbs = sub.add_parser("run-notebooks", help="run the numbered notebooks headless with papermill, in order",
                          description="Run notebooks/NN_*.ipynb in order with papermill; executed copies go to --out_dir.")
     nbs.add_argument("names", nargs="*", help="notebooks to run, e.g. 01_data (default: all, in order)")
@@ -331,8 +320,22 @@ def cmd_sweep(args) -> None:
     print(sweep_stage(config_for(args), args))
 
 
-CONFIG_RUNNERS = {"train": cmd_train, "train-vae": cmd_train_vae, "generate": cmd_generate, "evaluate": cmd_evaluate,
-                  "demo": cmd_demo, "export": cmd_export, "export-reference": cmd_export_reference, "sweep": cmd_sweep}
+# the subcommands that read a Config (--preset and a flag per field): their function and help
+CONFIG_COMMANDS = {
+    "train": (cmd_train, "train the UNet (resume with --ckpt_path last)"),
+    "train-vae": (cmd_train_vae, "train the small offline autoencoder"),
+    "generate": (cmd_generate, "generate one PNG per test.json prompt into "
+                               "<output_dir>/png_<reference|step>_<steps>[_dpmpp]/ (or --out)"),
+    "evaluate": (cmd_evaluate, "colour/shape accuracy of a checkpoint on the shapes set's fixed prompts"),
+    "demo": (cmd_demo, "build the shapes set, train from scratch, and score it beside the reference model"),
+    "export": (cmd_export, "write a checkpoint (--stage) as a diffusers pipeline folder (--out) that plain "
+                           "diffusers loads"),
+    "export-reference": (cmd_export_reference, "write a checkpoint as the shipped reference model (a pipeline "
+                         "folder without the text encoder, UNet in fp16); replacing data/reference needs --out "
+                         "data/reference"),
+    "sweep": (cmd_sweep, "generate and score a grid of samplers x steps x guidance scales for one checkpoint "
+                         "(--stage)"),
+}
 
 
 def cmd_data_check(args) -> None:
