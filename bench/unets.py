@@ -28,7 +28,7 @@ from hw6utils.config import get_preset  # noqa: E402
 from hw6utils.models import build_unet, count_params  # noqa: E402
 
 SHAPE_FLAGS = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-               "norm_num_groups", "image_size", "sample_size", "latent_channels")
+               "norm_num_groups", "resnet_time_scale_shift", "image_size", "sample_size", "latent_channels")
 TUPLES = ("block_out_channels", "down_block_types", "up_block_types")
 
 
@@ -40,7 +40,8 @@ def unet_flags(line: str) -> dict:
     for name in SHAPE_FLAGS:
         if name in flags:
             value = flags[name]
-            out[name] = tuple(int(v) if v.isdigit() else v for v in value.split(",")) if name in TUPLES else int(value)
+            out[name] = tuple(int(v) if v.isdigit() else v for v in value.split(",")) if name in TUPLES else \
+                int(value) if value.isdigit() else value
     return out
 
 

@@ -29,7 +29,7 @@ def build_unet(cfg: Config, text_hidden_size: int | None = None) -> UNet2DCondit
         block_out_channels=tuple(m.block_out_channels), down_block_types=tuple(m.down_block_types),
         up_block_types=tuple(m.up_block_types), layers_per_block=m.layers_per_block,
         cross_attention_dim=m.cross_attention_dim, attention_head_dim=m.attention_head_dim,
-        norm_num_groups=m.norm_num_groups, **extra)
+        norm_num_groups=m.norm_num_groups, resnet_time_scale_shift=m.resnet_time_scale_shift, **extra)
 
 
 def check_text_hidden_size(cfg: Config, text_hidden_size: int) -> None:

@@ -75,6 +75,7 @@ def test_unets_bench_times_each_distinct_unet_of_a_sweep_file(tmp_path, capsys):
                      "small --image_size 32 --sample_size 8 --seed 2\n"
                      "f8 --vae outputs/vae_f8 --sample_size 8 --latent_channels 16\n")
     assert unets.unet_flags("narrow --seed 0 --block_out_channels 16,32,64") == {"block_out_channels": (16, 32, 64)}
+    assert unets.unet_flags("add --resnet_time_scale_shift default --seed 0") == {"resnet_time_scale_shift": "default"}
     unets.main([str(sweep), "--rounds", "1", "--steps", "1", "--threads", "1"])
     rows = re.findall(r"([\d.]+) steps/s\s+([\d.]+)x\s+([\d.]+) M params\s+([\d.]+) GFLOP fwd\s+(.*)", capsys.readouterr().out)
     assert [r[4] for r in rows] == ["tiny", "--block_out_channels 16,32,64 --norm_num_groups 8", "--image_size 32 --sample_size 8",

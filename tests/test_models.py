@@ -16,8 +16,11 @@ def test_hw6_preset_builds_the_exact_course_unet():
 
 
 def test_tiny_unet_has_the_documented_size():
-    """4.65 M parameters (README, notebook 03): cross-attention at two levels plus the pooled-text projection."""
+    """4.65 M parameters (README, notebook 03): cross-attention at two levels plus the pooled-text projection;
+    4.77 M with resnets that take the embedding as a scale and a shift (README, "Scale and shift")."""
     assert count_params(build_unet(get_preset("tiny"), text_hidden_size=384)) == 4_649_188
+    assert count_params(build_unet(get_preset("tiny", resnet_time_scale_shift="scale_shift"),
+                                   text_hidden_size=384)) == 4_768_900
 
 
 @pytest.mark.parametrize("name", ["tiny", "reference", "smoke"])
@@ -42,3 +45,22 @@ def test_hw6_plus_keeps_the_course_encoders_and_builds():
     assert (cfg.data.image_size, cfg.data.image_prep, cfg.sample.sampler) == (256, "center", "dpmpp")
     unet = build_unet(cfg, text_hidden_size=512)
     assert unet.config.block_out_channels == (192, 384, 768)
+
+
+def test_scale_shift_resnets_take_the_embedding_as_a_scale_and_a_shift(tmp_path):
+    """resnet_time_scale_shift='scale_shift' (ADM's AdaGN): each resnet projects the time + pooled-text embedding to
+    a scale and a shift of its normalised features (2 x its channels), and the saved UNet loads back the same."""
+    cfg = get_preset("smoke", resnet_time_scale_shift="scale_shift")
+    unet = build_unet(cfg, text_hidden_size=384).eval()
+    plain = build_unet(get_preset("smoke", resnet_time_scale_shift="default"), text_hidden_size=384)
+    resnet, plain_resnet = unet.down_blocks[0].resnets[0], plain.down_blocks[0].resnets[0]
+    assert resnet.time_emb_proj.out_features == 2 * plain_resnet.time_emb_proj.out_features == 2 * 16
+    unet.save_pretrained(tmp_path)
+    loaded = type(unet).from_pretrained(tmp_path).eval()
+    assert loaded.config.resnet_time_scale_shift == "scale_shift"
+    args = (torch.randn(2, 4, 16, 16), torch.tensor([1, 500]))
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 384), "class_labels": torch.randn(2, 384)}
+    with torch.no_grad():
+        assert torch.equal(unet(*args, **kw).sample, loaded(*args, **kw).sample)
+    with pytest.raises(ValueError, match="resnet_time_scale_shift must be one of 'default', 'scale_shift'; got 'ada'"):
+        get_preset("smoke", resnet_time_scale_shift="ada")
