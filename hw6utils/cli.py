@@ -546,7 +546,7 @@ def demo(cfg) -> None:
               "demo's recipe at the pace of a slower machine\"); `make demo MINUTES=0`, or `hw6 demo` without "
               f"--time_budget, trains all {cfg.train.max_steps}")
         if fitted <= SHORT_RUN_STEPS and cfg.model.resnet_time_scale_shift == "default":
-            print(f"with {SHORT_RUN_STEPS} steps or fewer, resnets that scale and shift their features learn more from "
+            print(f"with {SHORT_RUN_STEPS:,} steps or fewer, resnets that scale and shift their features learn more from "
                   "them: `hw6 demo --time_budget ... --resnet_time_scale_shift scale_shift` (README, \"Scale and shift\")")
     print(evaluate_stage(cfg, "last"))
     if (REFERENCE_DIR / "eval.json").is_file():  # scored by `make reference` on the same prompts and seeds (a test
