@@ -319,7 +319,7 @@ def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_reference
     out = capsys.readouterr().out
     assert "time_budget 1 min: 20 of the 100 steps asked for fitted on this machine" in out
     assert "`make demo MINUTES=0`, or `hw6 demo` without --time_budget, trains all 100" in out
-    assert "with 1,800 steps or fewer, resnets that scale and shift their features learn more from them" in out
+    assert "with 2,100 steps or fewer, resnets that scale and shift their features learn more from them" in out
     assert "20 (guidance" in out and (Path(smoke_cfg.train.output_dir) / "eval_20.json").is_file()  # its own model
     stored = json.loads((REFERENCE_DIR / "eval.json").read_text())
     assert f"reference (as scored by `make reference`; `hw6 evaluate --stage reference` scores it again): " \
