@@ -24,25 +24,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hw6utils.config import get_preset  # noqa: E402
+from hw6utils.config import get_preset, parse_value  # noqa: E402
 from hw6utils.models import build_unet, count_params  # noqa: E402
 
 SHAPE_FLAGS = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
                "norm_num_groups", "resnet_time_scale_shift", "image_size", "sample_size", "latent_channels")
-TUPLES = ("block_out_channels", "down_block_types", "up_block_types")
 
 
 def unet_flags(line: str) -> dict:
     """The flags of one sweep line that shape the UNet, as config overrides."""
     words = shlex.split(line)[1:]
     flags = {words[i][2:]: words[i + 1] for i in range(0, len(words) - 1, 2) if words[i].startswith("--")}
-    out = {}
-    for name in SHAPE_FLAGS:
-        if name in flags:
-            value = flags[name]
-            out[name] = tuple(int(v) if v.isdigit() else v for v in value.split(",")) if name in TUPLES else \
-                int(value) if value.isdigit() else value
-    return out
+    return {name: parse_value(name, flags[name]) for name in SHAPE_FLAGS if name in flags}
 
 
 def step_fn(cfg, batch: int):
