@@ -307,10 +307,16 @@ def cmd_evaluate(args) -> None:
 # (tiny: 2,100 steps 94.4% against 92.3% over three seeds; 1,800: 91.0% against 88.9% over six; 1,500: 86.1% against
 # 79.6%); at 3,000 less (README, "Scale and shift")
 SHORT_RUN_STEPS = 2100
+# the demo's training leaves this many steps' worth of its time budget for the scoring after it (168 prompts, DDIM 50
+# with guidance: the time of 210-290 training steps, measured at 38 s against 0.18 s a step on 2 threads, 91 s against
+# 0.31 s on one, 126 s against 0.5 s on a slower VM) and for the few seconds of starting Python and torch before its
+# clock starts (with 320 a one-thread job took 600.8 s)
+DEMO_RESERVE_STEPS = 350
 
 
 def cmd_demo(args) -> None:
-    demo(config_for(args))
+    # the resnets are the demo's to choose unless the command line chose them
+    demo(config_for(args), pick_resnets="resnet_time_scale_shift" not in vars(args))
 
 
 def cmd_export(args) -> None:
@@ -526,19 +532,20 @@ def export(cfg, stage: str, out: Path, fp16: bool = False, reference: bool = Fal
     return path
 
 
-def demo(cfg) -> None:
-    """The whole job on the embedded default: data, training from scratch, and a score for it and the reference."""
+def demo(cfg, pick_resnets: bool = True) -> None:
+    """The whole job on the embedded default: data, training from scratch, and a score for it and the reference.
+
+    With a time budget and pick_resnets, a short probe of the pace decides the resnets first (`resnets_for_budget`)."""
     from .checkpoints import resolve_checkpoint
     from .config import REFERENCE_DIR, load_config
     from .evaluation import format_scores
     from .training import train
 
     start = time.time()
-    # with --time_budget the training leaves room for the scoring below (168 prompts, DDIM 50 with guidance: the time
-    # of 210-290 training steps, measured at 38 s against 0.18 s a step on 2 threads, 91 s against 0.31 s on one, 126 s
-    # against 0.5 s on a slower VM) and for the few seconds of starting Python and torch before this clock started
-    # (with 320 a one-thread job took 600.8 s)
-    history = train(cfg, reserve_steps=350)
+    prepared = None
+    if pick_resnets and cfg.train.time_budget and cfg.model.resnet_time_scale_shift == "default":
+        cfg, prepared = resnets_for_budget(cfg, start)
+    history = train(cfg, prepared, reserve_steps=DEMO_RESERVE_STEPS, spent=time.time() - start)
     print(f"trained in {(time.time() - start) / 60:.1f} min; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
     fitted = load_config(resolve_checkpoint("last", cfg.train.output_dir) / "hw6_config.json").train.max_steps
     if fitted < cfg.train.max_steps:
@@ -546,9 +553,6 @@ def demo(cfg) -> None:
               "this machine; fewer steps make a weaker model than the README's figures (its figures by steps: \"The "
               "demo's recipe at the pace of a slower machine\"); `make demo MINUTES=0`, or `hw6 demo` without "
               f"--time_budget, trains all {cfg.train.max_steps}")
-        if fitted <= SHORT_RUN_STEPS and cfg.model.resnet_time_scale_shift == "default":
-            print(f"with {SHORT_RUN_STEPS:,} steps or fewer, resnets that scale and shift their features learn more from "
-                  "them: `hw6 demo --time_budget ... --resnet_time_scale_shift scale_shift` (README, \"Scale and shift\")")
     print(evaluate_stage(cfg, "last"))
     if (REFERENCE_DIR / "eval.json").is_file():  # scored by `make reference` on the same prompts and seeds (a test
         # checks it against a fresh score): 35 s of generation the demo need not repeat
@@ -561,6 +565,26 @@ def demo(cfg) -> None:
         print(f"no reference model in {REFERENCE_DIR} (make it with `make reference`)")
     out = Path(cfg.train.output_dir)
     print(f"outputs: {out / 'ckpt_last'}, {out / 'samples_last'}, {out / 'loss.png'}; total {(time.time() - start) / 60:.1f} min")
+
+
+def resnets_for_budget(cfg, start: float) -> tuple:
+    """(cfg, prepared data): where the demo's time budget, counted from `start`, fits SHORT_RUN_STEPS or fewer at the
+    pace of a 30-step probe, cfg with resnets that scale and shift their features (they learn more from few steps)."""
+    import torch
+
+    from .config import apply_overrides
+    from .training import pick_device, prepare_data, seconds_per_step
+    if cfg.train.num_threads:  # before the cache is encoded, as training sets it
+        torch.set_num_threads(cfg.train.num_threads)
+    prepared = prepare_data(cfg, pick_device(cfg.train.device))
+    pace = seconds_per_step(cfg, prepared)
+    fits = int((cfg.train.time_budget * 60 - (time.time() - start)) / pace) - DEMO_RESERVE_STEPS
+    if fits <= SHORT_RUN_STEPS:
+        print(f"time_budget {cfg.train.time_budget:g} min: at {1 / pace:.1f} steps/s about {max(fits, 0):,} steps fit, "
+              f"{SHORT_RUN_STEPS:,} or fewer, where resnets that scale and shift their features learn more: training "
+              "with --resnet_time_scale_shift scale_shift (README, \"Scale and shift\"; give the flag to choose)")
+        cfg = apply_overrides(cfg, resnet_time_scale_shift="scale_shift")
+    return cfg, prepared
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ import csv
 import datetime
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -437,16 +439,17 @@ class Run:
 
 
 @holding_output_dir
-def train(cfg: Config, prepared: Prepared | None = None, progress: bool = True, reserve_steps: int = 0) -> list:
+def train(cfg: Config, prepared: Prepared | None = None, progress: bool = True, reserve_steps: int = 0,
+          spent: float = 0.0) -> list:
     """Train the UNet to predict the noise added to latents (DDPM, Ho et al. 2020, Algorithm 1). Returns history.
 
     Runs as one process, or as N under `torchrun --nproc_per_node N` (DistributedDataParallel): the global
     batch is then batch_size x grad_accum x N, and only rank 0 writes checkpoints, previews and logs.
     With time_budget, the run ends within that many minutes of this call, leaving reserve_steps' worth of time
-    for what the caller does next (`hw6 demo` scores the model).
+    for what the caller does next (`hw6 demo` scores the model), and counting the `spent` seconds before it.
     """
     t = cfg.train
-    started = time.time()
+    started = time.time() - spent
     run = start_or_resume(cfg, prepared)
     if run.start_step >= t.max_steps:
         return run.history
@@ -494,6 +497,16 @@ def train(cfg: Config, prepared: Prepared | None = None, progress: bool = True, 
                 break
     finish(run)
     return run.history
+
+
+def seconds_per_step(cfg: Config, prepared: Prepared, steps: int = 30) -> float:
+    """This machine's pace for cfg's run: `steps` steps of it in a scratch folder, the last third timed (the first
+    steps allocate memory). The run after it, sharing `prepared`, is the same as without it (its draws are its own)."""
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()):
+        probe = apply_overrides(cfg, output_dir=scratch, max_steps=steps, log_freq=max(steps // 3, 1), eval_freq=0,
+                                eval_metric="", save_freq=steps, time_budget=0, ckpt_path="")
+        history = train(probe, prepared, progress=False)
+    return cfg.train.batch_size * cfg.train.grad_accum / history[-1]["images_per_s"]
 
 
 def start_or_resume(cfg: Config, prepared: Prepared | None = None) -> Run:

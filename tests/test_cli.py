@@ -307,11 +307,12 @@ def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_reference
     """`hw6 demo --time_budget` trains the steps that fit and says how to train them all; it scores its own model and
     prints the reference's figures from data/reference/eval.json (what `make reference` scored; tests/test_reference.py
     checks them against a fresh score) instead of generating the 168 images again. At 1 s a step a 1-minute budget fits
-    no more steps than the 20 after which it is first checked (the demo keeps 350 steps' worth for its scoring)."""
+    no more steps than the 20 after which it is first checked (the demo keeps 350 steps' worth for its scoring), and
+    its probe of the pace finds so few steps fit that it trains resnets that scale and shift their features."""
     import json
     from pathlib import Path
 
-    from hw6utils.config import REFERENCE_DIR
+    from hw6utils.config import REFERENCE_DIR, load_config
     training_clock(1.0)
     assert main(["demo", "--preset", "smoke", "--data_dir", smoke_cfg.data.data_dir, "--vae", smoke_cfg.encoders.vae,
                  "--output_dir", smoke_cfg.train.output_dir, "--cache_dir", smoke_cfg.train.cache_dir, "--eval_freq", "0",
@@ -319,9 +320,32 @@ def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_reference
     out = capsys.readouterr().out
     assert "time_budget 1 min: 20 of the 100 steps asked for fitted on this machine" in out
     assert "`make demo MINUTES=0`, or `hw6 demo` without --time_budget, trains all 100" in out
-    assert "with 2,100 steps or fewer, resnets that scale and shift their features learn more from them" in out
+    assert "time_budget 1 min: at 1.0 steps/s about 0 steps fit, 2,100 or fewer, where resnets that scale and shift " \
+           "their features learn more: training with --resnet_time_scale_shift scale_shift" in out
+    saved = load_config(Path(smoke_cfg.train.output_dir) / "ckpt_last" / "unet_sch_20" / "hw6_config.json")
+    assert saved.model.resnet_time_scale_shift == "scale_shift"
     assert "20 (guidance" in out and (Path(smoke_cfg.train.output_dir) / "eval_20.json").is_file()  # its own model
     stored = json.loads((REFERENCE_DIR / "eval.json").read_text())
     assert f"reference (as scored by `make reference`; `hw6 evaluate --stage reference` scores it again): " \
            f"colour+shape {stored['colour_shape']:.0%} of 168 prompts" in out
     assert not (Path(smoke_cfg.train.output_dir) / "eval_reference.json").exists()  # not generated again
+
+
+def test_the_demo_picks_scale_and_shift_resnets_where_its_budget_fits_2100_steps_or_fewer(monkeypatch):
+    """The probe's pace decides: 10 minutes at 0.24 s a step fit 2,500 steps less the scoring's 350 (resnets that add,
+    the preset's), at 0.25 s 2,050 (scale and shift). Resnets given on the command line are not the demo's to pick."""
+    import time
+
+    from hw6utils import cli, training
+    from hw6utils.config import get_preset
+    cfg = get_preset("tiny", time_budget=10.0)
+    monkeypatch.setattr(training, "prepare_data", lambda cfg, device: "the prepared data")
+    for pace, kind in [(0.24, "default"), (0.25, "scale_shift")]:
+        monkeypatch.setattr(training, "seconds_per_step", lambda cfg, prepared: pace)
+        picked, prepared = cli.resnets_for_budget(cfg, time.time())
+        assert (picked.model.resnet_time_scale_shift, prepared) == (kind, "the prepared data")
+    asked = []
+    monkeypatch.setattr(cli, "demo", lambda cfg, pick_resnets=True: asked.append(pick_resnets))
+    assert main(["demo", "--time_budget", "10"]) == 0
+    assert main(["demo", "--time_budget", "10", "--resnet_time_scale_shift", "default"]) == 0
+    assert asked == [True, False]

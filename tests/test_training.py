@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hw6utils.config import apply_overrides
-from hw6utils.training import make_noise_scheduler, pick_device, prepare_data, train
+from hw6utils.training import make_noise_scheduler, pick_device, prepare_data, seconds_per_step, train
 
 
 def test_add_noise_is_the_closed_form(smoke_cfg):
@@ -178,6 +178,18 @@ def test_a_time_budget_that_is_not_reached_changes_nothing(smoke_cfg, training_c
     assert [h["step"] for h in budgeted] == list(range(1, 31))
     for key in ("loss", "lr"):
         assert [h[key] for h in budgeted] == pytest.approx([h[key] for h in plain], rel=1e-6), key
+
+
+def test_a_pace_probe_times_a_step_and_leaves_the_run_after_it_unchanged(smoke_cfg, training_clock):
+    """seconds_per_step times the last third of a short run in a scratch folder (here on a clock of 0.5 s a step); a
+    run that shares its prepared data afterwards draws and learns what it would have without it."""
+    cfg = apply_overrides(smoke_cfg, max_steps=4, batch_size=4, log_freq=1, eval_freq=0, save_freq=1000)
+    prepared = prepare_data(cfg, pick_device("cpu"))
+    plain = train(cfg, prepared, progress=False)
+    training_clock(0.5)
+    assert seconds_per_step(cfg, prepared, steps=6) == pytest.approx(0.5)
+    after = train(apply_overrides(cfg, output_dir=cfg.train.output_dir + "_b"), prepared, progress=False)
+    assert [h["loss"] for h in after] == pytest.approx([h["loss"] for h in plain], rel=1e-6)
 
 
 def test_resume_rejects_a_missing_checkpoint(smoke_cfg):
