@@ -320,7 +320,8 @@ def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_reference
     out = capsys.readouterr().out
     assert "time_budget 1 min: 20 of the 100 steps asked for fitted on this machine" in out
     assert "`make demo MINUTES=0`, or `hw6 demo` without --time_budget, trains all 100" in out
-    assert "time_budget 1 min: at 1.0 steps/s about 0 steps fit, 2,100 or fewer, where resnets that scale and shift " \
+    assert "time_budget 1 min: at 1.0 steps/s (a " in out  # the probe's seconds are the clock's, not the fake steps'
+    assert " s probe) about 0 steps fit, 2,100 or fewer, where resnets that scale and shift " \
            "their features learn more: training with --resnet_time_scale_shift scale_shift" in out
     saved = load_config(Path(smoke_cfg.train.output_dir) / "ckpt_last" / "unet_sch_20" / "hw6_config.json")
     assert saved.model.resnet_time_scale_shift == "scale_shift"
@@ -331,7 +332,7 @@ def test_demo_keeps_to_its_time_budget_scores_its_model_and_prints_the_reference
     assert not (Path(smoke_cfg.train.output_dir) / "eval_reference.json").exists()  # not generated again
 
 
-def test_the_demo_picks_scale_and_shift_resnets_where_its_budget_fits_2100_steps_or_fewer(monkeypatch):
+def test_the_demo_picks_scale_and_shift_resnets_where_its_budget_fits_2100_steps_or_fewer(monkeypatch, capsys):
     """The probe's pace decides: 10 minutes at 0.24 s a step fit 2,500 steps less the scoring's 350 (resnets that add,
     the preset's), at 0.25 s 2,050 (scale and shift). Resnets given on the command line are not the demo's to pick."""
     import time
@@ -344,6 +345,11 @@ def test_the_demo_picks_scale_and_shift_resnets_where_its_budget_fits_2100_steps
         monkeypatch.setattr(training, "seconds_per_step", lambda cfg, prepared: pace)
         picked, prepared = cli.resnets_for_budget(cfg, time.time())
         assert (picked.model.resnet_time_scale_shift, prepared) == (kind, "the prepared data")
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("time_budget 10 min: at 4.2 steps/s (a 0 s probe) about 2,14")  # less the test's time
+    assert said[0].endswith("steps fit: resnets that add the time and sentence embedding (the preset's)")
+    assert said[1].startswith("time_budget 10 min: at 4.0 steps/s (a 0 s probe) about 2,04")
+    assert "steps fit, 2,100 or fewer, where resnets that scale and shift their features learn more" in said[1]
     asked = []
     monkeypatch.setattr(cli, "demo", lambda cfg, pick_resnets=True: asked.append(pick_resnets))
     assert main(["demo", "--time_budget", "10"]) == 0
