@@ -573,13 +573,14 @@ def resnets_for_budget(cfg, start: float) -> tuple:
     import torch
 
     from .config import apply_overrides
-    from .training import pick_device, prepare_data, seconds_per_step
+    from .training import pick_device, prepare_data, seconds_per_step, steps_that_fit
     if cfg.train.num_threads:  # before the cache is encoded, as training sets it
         torch.set_num_threads(cfg.train.num_threads)
     prepared = prepare_data(cfg, pick_device(cfg.train.device))
     probe = time.time()
     pace = seconds_per_step(cfg, prepared)
-    fits = max(int((cfg.train.time_budget * 60 - (time.time() - start)) / pace) - DEMO_RESERVE_STEPS, 0)
+    # the rule training's time budget follows, at the probe's pace
+    fits = max(steps_that_fit(cfg.train.time_budget, time.time() - start, pace, DEMO_RESERVE_STEPS), 0)
     said = f"time_budget {cfg.train.time_budget:g} min: at {1 / pace:.1f} steps/s (a {time.time() - probe:.0f} s probe) " \
            f"about {fits:,} steps fit"
     if fits > SHORT_RUN_STEPS:

@@ -577,8 +577,7 @@ def fit_to_time_budget(run: Run, done: int, started: float, pace: tuple, reserve
     Under torchrun every process takes the smallest fit, so that all stop at the same step."""
     now = time.time()
     per_step = (now - pace[0]) / (done - pace[1])
-    left = run.cfg.train.time_budget * 60 - (now - started)
-    fit = min(max(done + int(left / per_step) - reserve_steps, done), asked)
+    fit = min(max(done + steps_that_fit(run.cfg.train.time_budget, now - started, per_step, reserve_steps), done), asked)
     if run.world > 1:
         agreed = torch.tensor([fit], device=run.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -594,6 +593,12 @@ def fit_to_time_budget(run: Run, done: int, started: float, pace: tuple, reserve
     if run.main_process and before == asked:  # the first time the budget binds
         print(f"time_budget {run.cfg.train.time_budget:g} min: at {1 / per_step:.1f} steps/s, training ends at step "
               f"{fit} of {asked} (the learning-rate schedule ends there too)")
+
+
+def steps_that_fit(time_budget: float, elapsed: float, per_step: float, reserve_steps: int) -> int:
+    """Steps that still fit in time_budget minutes once `elapsed` seconds have gone, at per_step seconds a step,
+    keeping reserve_steps' worth of time free (negative where not even the reserve fits)."""
+    return int((time_budget * 60 - elapsed) / per_step) - reserve_steps
 
 
 def optimizer_step(run: Run) -> float:
